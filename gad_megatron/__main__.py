@@ -1,0 +1,40 @@
+"""`python -m gad_megatron <command> ...`: one sub-command per module in gad_megatron/cli/.
+
+Each command module defines `register(subparsers)` (adds its parser, sets `func`) and is
+imported only when the CLI starts, so `--help` stays fast and optional extras stay optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order here is the order in `--help`.
+COMMANDS = ("convert", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gad_megatron", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"gad_megatron.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        # One clear line for the user; the traceback only with GAD_DEBUG=1.
+        import os
+
+        if os.environ.get("GAD_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
