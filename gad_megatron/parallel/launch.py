@@ -8,6 +8,7 @@ the host's routable interface.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -60,7 +61,9 @@ def _rank_main(rank: int, env: RankEnv, fn: Callable, args: tuple, results: Any)
     os.environ["WORLD_SIZE"] = str(env.world_size)
     try:
         out = fn(rank, env.world_size, *args)
-        results.put((rank, True, out))
+        # Plain pickle copies tensors by value; torch's queue would pass shared-memory handles
+        # that die with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its trace
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -99,7 +102,7 @@ def spawn_ranks(
     while len(outcomes) < world_size:
         try:
             rank, ok, payload = results.get(timeout=0.5)
-            outcomes[rank] = (ok, payload)
+            outcomes[rank] = (ok, pickle.loads(payload) if ok else payload)
             if not ok:
                 failures[rank] = payload
                 # Peers of a failed rank usually block in a collective: give them a moment to

@@ -1,0 +1,84 @@
+"""torch.distributed + Megatron parallel state, the same way on CPU (gloo) and GPU (NCCL)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How one role's ranks are split. world = tp * pp * dp."""
+
+    tp: int = 1
+    """Tensor-parallel size: each layer's weights split across this many ranks."""
+    pp: int = 1
+    """Pipeline-parallel size: layers split into this many consecutive stages."""
+    dp: int = 1
+    """Data-parallel size: replicas that each see a slice of the batch."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel layout: {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def device() -> torch.device:
+    """This rank's compute device: its local GPU, or the CPU when CUDA is absent."""
+    if torch.cuda.is_available() and not os.environ.get("GAD_FORCE_CPU_PATCHES") == "1":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(layout: ParallelLayout, seed: int = 1234) -> None:
+    """Start the process group (if needed) and Megatron's parallel state for `layout`.
+
+    Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment (torchrun, the
+    spawn launcher, or a Ray worker set them). On CPU the gloo backend is used and
+    megatron_patches are applied first.
+    """
+    import megatron_patches
+
+    on_cpu = device().type == "cpu"
+    if on_cpu:
+        megatron_patches.apply()
+    if not dist.is_initialized():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world == 1 and "MASTER_PORT" not in os.environ:
+            from gad_megatron.parallel.launch import free_port, pin_loopback_env
+
+            pin_loopback_env(free_port())
+        if not on_cpu:
+            torch.cuda.set_device(device())
+        dist.init_process_group("gloo" if on_cpu else "nccl", rank=rank, world_size=world)
+    if dist.get_world_size() != layout.world_size:
+        raise ValueError(
+            f"parallel layout tp={layout.tp} pp={layout.pp} dp={layout.dp} needs "
+            f"{layout.world_size} ranks, but the process group has {dist.get_world_size()}"
+        )
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's parallel state and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
