@@ -1,0 +1,97 @@
+"""HF directory <-> Megatron distributed checkpoint, at any (tp, pp).
+
+The rank functions run under torchrun / a Ray worker (RANK etc. already set) or in ranks
+spawned here on one host (CPU machines, or one GPU per rank).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from gad_megatron.models.hf_config import read_hf_config
+
+
+def _hf_dtype(arch) -> torch.dtype:
+    name = arch.raw.get("torch_dtype") or arch.raw.get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def hf_to_megatron_rank(rank: int, world: int, hf_dir: str, out_dir: str, tp: int, pp: int,
+                        dtype: str | None) -> str:
+    from gad_megatron.checkpoint.hf_io import load_hf_weights
+    from gad_megatron.checkpoint.megatron_ckpt import save_model_checkpoint
+    from gad_megatron.models.builder import BuildOptions, build_gpt
+    from gad_megatron.parallel.dist import ParallelLayout, init_distributed, shutdown
+
+    arch = read_hf_config(hf_dir)
+    init_distributed(ParallelLayout(tp=tp, pp=pp))
+    try:
+        # Keep the checkpoint's own dtype unless asked otherwise: the round trip is bitwise.
+        opts = BuildOptions(dtype=getattr(torch, dtype) if dtype else _hf_dtype(arch),
+                            init_weights=False)
+        model = build_gpt(arch, tp, pp, opts)
+        load_hf_weights(model, arch, hf_dir)
+        save_model_checkpoint(model, arch, out_dir, tp, pp, tokenizer_src=hf_dir)
+    finally:
+        shutdown()
+    return out_dir
+
+
+def megatron_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str, tp: int,
+                        pp: int) -> str:
+    import torch.distributed as dist
+
+    from gad_megatron.checkpoint.hf_io import export_hf_tensors, save_hf_dir
+    from gad_megatron.checkpoint.megatron_ckpt import (
+        dtype_of, load_model_checkpoint, read_checkpoint_meta)
+    from gad_megatron.models.builder import BuildOptions, build_gpt
+    from gad_megatron.parallel.dist import ParallelLayout, init_distributed, shutdown
+
+    meta, arch = read_checkpoint_meta(ckpt_dir)
+    init_distributed(ParallelLayout(tp=tp, pp=pp))
+    try:
+        model = build_gpt(arch, tp, pp, BuildOptions(dtype=dtype_of(meta), init_weights=False))
+        load_model_checkpoint(model, ckpt_dir)
+        save_hf_dir(export_hf_tensors(model, arch), arch, out_dir, tokenizer_src=ckpt_dir,
+                    write=dist.get_rank() == 0)
+        dist.barrier()
+    finally:
+        shutdown()
+    return out_dir
+
+
+def run_ranks(fn, world: int, args: tuple) -> None:
+    """Run `fn` on this process if a launcher already made us one rank of `world`, else spawn."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world:
+        fn(int(os.environ["RANK"]), world, *args)
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        raise ValueError(f"{world} ranks need {world} GPUs; {torch.cuda.device_count()} visible")
+    from gad_megatron.parallel.launch import spawn_ranks
+
+    spawn_ranks(fn, world, args=args, timeout_s=float(os.environ.get("GAD_CONVERT_TIMEOUT", 3600)))
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
+                   dtype: str | None = None) -> Path:
+    """Convert an HF model directory to a Megatron distributed checkpoint at (tp, pp)."""
+    from gad_megatron.models.hf_config import check_parallel
+    from gad_megatron.checkpoint.hf_io import HFTensorIndex
+
+    arch = read_hf_config(hf_dir)
+    check_parallel(arch, tp, pp)
+    HFTensorIndex(hf_dir).check_against(arch)  # fail before spawning anything
+    run_ranks(hf_to_megatron_rank, tp * pp, (str(hf_dir), str(out_dir), tp, pp, dtype))
+    return Path(out_dir)
+
+
+def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1) -> Path:
+    """Convert a Megatron checkpoint (written at any layout) to an HF directory."""
+    from gad_megatron.checkpoint.megatron_ckpt import read_checkpoint_meta
+
+    read_checkpoint_meta(ckpt_dir)
+    run_ranks(megatron_to_hf_rank, tp * pp, (str(ckpt_dir), str(out_dir), tp, pp))
+    return Path(out_dir)
