@@ -52,7 +52,10 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     (and [B, T] entropy when `with_entropy`).
     """
     group, size, rank = _tp()
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    # Reductions in at least fp32: bf16 log-probs would swamp the PPO ratio with rounding.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
     shifted = _shifted(logits, group, size, vocab_size, rank)
     exp = shifted.exp()
     sum_exp = _sum_over_tp(exp.sum(dim=-1), group, size)  # [B, T]

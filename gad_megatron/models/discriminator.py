@@ -1,0 +1,103 @@
+"""The discriminator: the student's backbone with a scalar head instead of the LM head.
+
+Built by composition: a Megatron GPTModel (same layer spec, same name table, same parallel
+layouts as the student) whose `output_layer` submodule is swapped for `ScalarHead`. GPTModel's
+forward then returns `[B, T, 1]` per-token scores instead of vocab logits; the sequence score
+is read at the last valid token of `[prompt, response]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gad_megatron.models.builder import BuildOptions, build_gpt
+from gad_megatron.models.hf_config import HFArch
+
+HEAD_PREFIX = "output_layer."
+
+
+class ScalarHead(torch.nn.Module):
+    """hidden [T, B, H] -> score [T, B, 1]; replicated on every TP rank (it is tiny).
+
+    Called exactly like the ColumnParallelLinear it replaces, and returns (output, bias).
+    """
+
+    def __init__(self, config, init_std: float):
+        super().__init__()
+        self.sequence_parallel = bool(config.sequence_parallel)
+        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=config.params_dtype)
+        # A fresh, small head: initial scores are near 0 for every sequence, so the first
+        # Bradley-Terry steps see an unsaturated sigmoid.
+        with torch.no_grad():
+            torch.nn.init.normal_(self.linear.weight, std=init_std)
+            self.linear.bias.zero_()
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import (
+                gather_from_sequence_parallel_region)
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states)
+        return self.linear(hidden_states), None
+
+
+def build_discriminator(arch: HFArch, tp: int, pp: int, opts: BuildOptions = BuildOptions(),
+                        head_init_std: float = 1e-3):
+    """This rank's discriminator shard; the last pipeline stage carries the scalar head."""
+    # Untied: the head replaces the LM output entirely, so nothing may share its weight.
+    model = build_gpt(dataclasses.replace(arch, tie_word_embeddings=False), tp, pp, opts)
+    if model.post_process:
+        model.output_layer = ScalarHead(model.config, head_init_std)
+        _sync_head_over_tp(model.output_layer)
+    return model
+
+
+def _sync_head_over_tp(head: ScalarHead) -> None:
+    # The head is replicated, not split: every TP rank must start from the same values,
+    # whatever each process's RNG did before.
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return
+    src = ps.get_tensor_model_parallel_src_rank()
+    for p in head.parameters():
+        dist.broadcast(p.data, src=src, group=ps.get_tensor_model_parallel_group())
+
+
+def score_micro_batches(model, micro_batches) -> list[torch.Tensor]:
+    """Sequence scores [B] per micro-batch (right-padded), on the last pipeline stage."""
+    from gad_megatron.models.forward import run_schedule
+
+    return run_schedule(model, micro_batches, lambda out, mb: last_valid_scores(out, mb.valid))
+
+
+def load_student_weights(model, arch: HFArch, hf_dir) -> None:
+    """Initialise the backbone from a student HF checkpoint; the head stays fresh."""
+    from gad_megatron.checkpoint.hf_io import load_hf_weights
+
+    load_hf_weights(model, arch, hf_dir, skip=(HEAD_PREFIX,))
+
+
+def to_right_padding(tokens: torch.Tensor, valid: torch.Tensor):
+    """Move each row's valid tokens to the front. tokens, valid: [B, T] -> same shapes.
+
+    Megatron's RoPE positions are sequence indices, so a left-padded row would be rotated
+    differently from the same row right-padded; scoring always uses right padding.
+    """
+    valid = valid.bool()
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid first, in order
+    return tokens.gather(1, order), valid.gather(1, order)
+
+
+def last_valid_scores(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sequence scores from per-token scores. per_token: [B, T, 1] or [B, T]; valid: [B, T]
+    right-padded. Returns [B] float32, read at each row's last valid token."""
+    if per_token.dim() == 3:
+        per_token = per_token.squeeze(-1)
+    lengths = valid.long().sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("a row has no valid token to score")
+    return per_token.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1).float()
