@@ -156,7 +156,13 @@ def test_missing_file_and_corrupt_parquet(tmp_path, tok):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="not a readable Parquet file"):
-        validate_files([str(bad)], DataConfig())
+        build_dataset([str(bad)], DataConfig(), tok)
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
+    stats = validate_files([str(bad), str(tmp_path / "nope.jsonl"), good], DataConfig())
+    assert "not a readable Parquet file" in stats.files[str(bad)].error
+    assert stats.files[str(tmp_path / "nope.jsonl")].error.endswith("no such file")
+    assert stats.files[good].kept == 1 and not stats.ok
+    assert "unreadable" in stats.summary()
 
 
 def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path, tok):

@@ -109,7 +109,8 @@ def validate_files(paths: Sequence[str], cfg: DataConfig,
 
     Field checks need no tokenizer; with one, lengths are checked too under the config's
     policies (an over-long row under `error` counts as `*_too_long`). Files share one id
-    set, so an id repeated in another file is a duplicate too.
+    set, so an id repeated in another file is a duplicate too. A missing or unreadable
+    file is recorded in its `FileStats.error` and the other files are still checked.
     """
     stats = DataStats(strict_rows=False, max_messages=cfg.max_reported_errors)
     encoder = Encoder(tokenizer, cfg) if tokenizer is not None else None
@@ -117,11 +118,14 @@ def validate_files(paths: Sequence[str], cfg: DataConfig,
     for path in paths:
         path = str(path)
         fs = stats.file(path)
-        for rows in iter_rows(path, cfg, stats, seen):
-            if encoder is None:
-                fs.kept += len(rows)
-            else:
-                encoder.encode(rows, stats, strict_lengths=False)
+        try:
+            for rows in iter_rows(path, cfg, stats, seen):
+                if encoder is None:
+                    fs.kept += len(rows)
+                else:
+                    encoder.encode(rows, stats, strict_lengths=False)
+        except DataError as exc:  # missing or unreadable file: report it, check the rest
+            fs.error = str(exc)
     return stats
 
 

@@ -53,10 +53,11 @@ class FileStats:
     bad: Counter = field(default_factory=Counter)  # BAD_KINDS -> count
     length: Counter = field(default_factory=Counter)  # LENGTH_EVENTS -> count
     messages: list[str] = field(default_factory=list)  # the first few problem messages
+    error: str | None = None  # the file as a whole could not be read (validation only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": self.path, "rows": self.rows, "kept": self.kept,
+            "path": self.path, "error": self.error, "rows": self.rows, "kept": self.kept,
             "bad_rows": sum(self.bad.values()), "bad": dict(self.bad),
             "length": dict(self.length), "messages": list(self.messages),
         }
@@ -119,7 +120,8 @@ class DataStats:
     @property
     def ok(self) -> bool:
         """No bad rows and no length errors: the files would build under strict policies."""
-        return not self.bad and not any(k.endswith("too_long") for k in self.length)
+        return (not self.bad and not any(k.endswith("too_long") for k in self.length)
+                and not any(f.error for f in self.files.values()))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +135,9 @@ class DataStats:
         lines = []
         for fs in self.files.values():
             nbad = sum(fs.bad.values())
+            if fs.error:
+                lines.append(f"{fs.path}: unreadable: {fs.error}")
+                continue
             lines.append(f"{fs.path}: {fs.rows} rows, {fs.kept} kept, {nbad} bad")
             for kind in BAD_KINDS:
                 if fs.bad[kind]:
