@@ -185,3 +185,14 @@ def test_config_validation(tmp_path):
     y.write_text("data:\n  template: alpaca\n  max_response_len: 64\nmodel: {}\n")
     cfg = load_data_config(y, tokenizer="builtin")
     assert (cfg.template, cfg.max_response_len, cfg.tokenizer) == ("alpaca", 64, "builtin")
+
+
+def test_parquet_binary_column_with_bad_utf8(tmp_path):
+    path = str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({
+        "prompt": pa.array([b"ok", b"bad \xfe"], pa.binary()),
+        "teacher_response": ["a", "b"]}), path)
+    stats = validate_files([path], DataConfig())
+    assert stats.files[path].kept == 1 and dict(stats.files[path].bad) == {"non_utf8": 1}
+    assert stats.files[path].messages == [
+        f"{path} row 1, field 'prompt': not valid UTF-8 (byte 0xfe at character 4)"]
