@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order here is the order in `--help`.
-COMMANDS = ("convert",)
+COMMANDS = ("convert", "data", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,41 @@
+"""Load a GAD job config: defaults <- YAML file(s) <- `key=value` overrides, then validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gad_megatron.config.loader import (
+    ConfigError, build, flatten, merge, parse_overrides, read_yaml, to_dict)
+from gad_megatron.config.schema import (
+    ActorConfig, DiscriminatorConfig, GADConfig, ModelConfig, ParallelConfig, ReferenceConfig,
+    RolloutConfig, RunConfig, Stage, TrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> GADConfig:
+    """The resolved, validated config of a job. Raises ConfigError naming the bad key."""
+    tree = read_yaml(path) if path else {}
+    tree = merge(tree, parse_overrides(list(overrides)))
+    return build(GADConfig, tree)
+
+
+def check_against_model(cfg: GADConfig, arch) -> None:
+    """Refuse parallel layouts that cannot split this architecture (before workers start)."""
+    from gad_megatron.models.hf_config import check_parallel
+
+    roles = {"actor": cfg.actor.parallel, "discriminator": cfg.discriminator.parallel,
+             "reference": cfg.reference.parallel}
+    for role, par in roles.items():
+        try:
+            check_parallel(arch, par.tp, par.pp)
+        except ValueError as exc:
+            raise ConfigError(f"{role}.parallel: {exc}") from None
+    if cfg.rollout.engine != "hf" and arch.num_heads % cfg.rollout.tp:
+        raise ConfigError(f"rollout.tp={cfg.rollout.tp} does not divide "
+                          f"num_attention_heads={arch.num_heads}")
+
+
+__all__ = [
+    "ActorConfig", "ConfigError", "DiscriminatorConfig", "GADConfig", "ModelConfig",
+    "ParallelConfig", "ReferenceConfig", "RolloutConfig", "RunConfig", "Stage", "TrainConfig",
+    "check_against_model", "flatten", "load_config", "to_dict",
+]

@@ -1,0 +1,249 @@
+"""The typed config of a GAD job: one frozen dataclass per role, defaults = the paper's settings.
+
+Paper (arXiv 2511.10643): 256 prompts per step, n=8 samples at temperature 0.8, lr 1e-6 for
+both models, grad clip 0.2, prompt 2048 / response 1536 tokens, 1 warmup epoch then 2 GAD
+epochs, a checkpoint every 50 steps, KL (k3) to the reference at 0.001, 10 D-only steps.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from dataclasses import dataclass, field
+
+from gad_megatron.data.config import DataConfig
+from gad_megatron.models.optim import OptimConfig
+
+ENGINES = ("hf", "vllm", "sglang")
+ENGINE_PACKAGES = {"hf": "transformers", "vllm": "vllm", "sglang": "sglang"}
+POLICY_LOSSES = ("gspo", "ppo")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_KINDS = ("k1", "abs", "k2", "k3", "low_var_kl")
+
+
+class Stage(str, enum.Enum):
+    """Which stage a run trains; said in the config, never guessed from the data."""
+
+    WARMUP = "warmup"  # D by BT every step; G by SFT on teacher answers after d_only_steps
+    GAD = "gad"  # G by the policy loss with D's score as reward; D by BT every step
+    SEQKD = "seqkd"  # the SFT-only baseline: no discriminator at all
+
+
+def _paper_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-6, clip_grad=0.2)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one role's Megatron ranks are laid out."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dp: int = 1
+    """Data-parallel size; the role takes tp * pp * dp devices (or CPU slots)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student's architecture and initial weights (the discriminator copies them)."""
+
+    hf_path: str = ""
+    """HF model directory of the initial student. Empty: the embedded default builds a tiny
+    random model with the built-in tokenizer (CPU demo and tests)."""
+    dtype: str = "float32"
+    """Parameter dtype of the Megatron workers: float32, or bfloat16 on GPUs."""
+    tiny_layers: int = 2
+    """Embedded default only: transformer layers of the tiny student."""
+    tiny_hidden: int = 64
+    """Embedded default only: hidden size of the tiny student."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """The student (generator): SFT in warmup/seqkd, policy loss + KL in gad."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=_paper_optim)
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch (sequences are grouped until it is reached)."""
+    policy_loss: str = "gspo"
+    """'gspo' (sequence-level ratio) or 'ppo' (token-level ratio)."""
+    clip_low: float = 3e-4
+    """Lower clip range of the ratio (GSPO paper: 3e-4; PPO typically 0.2)."""
+    clip_high: float = 4e-4
+    """Upper clip range of the ratio (GSPO paper: 4e-4; PPO typically 0.2 or 0.28)."""
+    dual_clip: float | None = None
+    """PPO dual-clip constant (> 1) for negative advantages; None disables it."""
+    loss_agg: str = "token-mean"
+    """How token losses aggregate over the global batch."""
+    kl_coef: float = 0.001
+    """Weight of the KL loss to the frozen reference."""
+    kl_kind: str = "low_var_kl"
+    """KL estimator: k1, abs, k2, k3 / low_var_kl."""
+    ppo_epochs: int = 1
+    """Optimizer passes over each rollout batch (1: on-policy, ratio == 1 at the first pass)."""
+
+    def __post_init__(self) -> None:
+        _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _one_of("loss_agg", self.loss_agg, AGG_MODES)
+        _one_of("kl_kind", self.kl_kind, KL_KINDS)
+        if self.micro_batch_tokens < 1 or self.ppo_epochs < 1:
+            raise ValueError("micro_batch_tokens and ppo_epochs must be >= 1")
+        if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0:
+            raise ValueError("clip_low, clip_high and kl_coef must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """The discriminator: Bradley-Terry on (teacher, student sample) pairs, every step."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=_paper_optim)
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch."""
+    score_eos: bool = True
+    """Whether a trailing EOS is part of the scored sequence. Applied to teacher answers and
+    student samples alike, so identical answers always get identical scores."""
+    head_init_std: float = 1e-3
+    """Std of the fresh scalar head's weights."""
+    bt_temperature: float = 1.0
+    """Temperature of the BT sigmoid (1.0: the paper's loss)."""
+    bt_margin: float = 0.0
+    """Margin subtracted from the teacher-student gap (0.0: the paper's loss)."""
+    score_reg_weight: float = 0.0
+    """Weight of the |score| > threshold penalty (0: off), against an over-confident D."""
+    score_reg_threshold: float = 5.0
+    """Scores beyond this magnitude are penalised when score_reg_weight > 0."""
+
+    def __post_init__(self) -> None:
+        if self.bt_temperature <= 0:
+            raise ValueError(f"bt_temperature must be > 0, got {self.bt_temperature}")
+        if self.micro_batch_tokens < 1 or self.head_init_std <= 0:
+            raise ValueError("micro_batch_tokens must be >= 1 and head_init_std > 0")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The frozen reference policy, for the KL term of the gad stage."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The engine that samples the student's answers."""
+
+    engine: str = "hf"
+    """'hf' (transformers generate: CPU and small GPUs), 'vllm' or 'sglang'."""
+    tp: int = 1
+    """The engine's own tensor-parallel size (vllm/sglang)."""
+    n: int = 8
+    """Samples per prompt."""
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 1536
+    bucket_mb: int = 512
+    """Weight-sync bucket size: the peak extra memory of a sync is one bucket."""
+    gpu_memory_utilization: float = 0.5
+    """vllm/sglang: share of GPU memory the engine may take."""
+
+    def __post_init__(self) -> None:
+        _one_of("engine", self.engine, ENGINES)
+        if self.n < 1 or self.tp < 1 or self.max_new_tokens < 1 or self.bucket_mb < 1:
+            raise ValueError("n, tp, max_new_tokens and bucket_mb must be >= 1")
+        if not 0 < self.temperature or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the controller runs."""
+
+    stage: Stage = Stage.WARMUP
+    """warmup, gad or seqkd."""
+    steps: int = 0
+    """Steps to run; 0 means `epochs` full passes over the training data."""
+    epochs: int = 1
+    """Epochs when steps == 0 (paper: 1 warmup epoch, then 2 gad epochs)."""
+    prompts_per_step: int = 256
+    """Prompts per global batch."""
+    d_only_steps: int = 10
+    """Warmup: steps at the start in which only D is trained."""
+    init_from: str = ""
+    """gad: the warmup run directory (or checkpoint) both models start from."""
+    save_every: int = 50
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept."""
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.epochs < 1 or self.prompts_per_step < 1:
+            raise ValueError("steps >= 0, epochs >= 1 and prompts_per_step >= 1 are required")
+        if self.d_only_steps < 0 or self.save_every < 0 or self.keep_last < 1:
+            raise ValueError("d_only_steps >= 0, save_every >= 0 and keep_last >= 1 are required")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how its processes are placed."""
+
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints, logs, the resolved config."""
+    ray_address: str = ""
+    """Ray cluster to join ('' starts a local one on 127.0.0.1)."""
+    num_cpus: int = 0
+    """CPU slots of a local Ray (0: Ray's own count)."""
+    use_gpus: bool = False
+    """Place one GPU per rank (True on GPU clusters)."""
+    colocate: bool = False
+    """Actor, discriminator and reference share the same devices (else disaggregated)."""
+    worker_timeout_s: float = 600.0
+    """A remote call not answered within this time fails the job, naming role and rank."""
+
+
+@dataclass(frozen=True)
+class GADConfig:
+    """A whole job."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.stage == Stage.GAD and self.rollout.n < 2:
+            raise ValueError(f"rollout.n must be >= 2 in the gad stage (GRPO normalises over "
+                             f"each prompt's samples), got {self.rollout.n}")
+        package = ENGINE_PACKAGES[self.rollout.engine]
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"rollout.engine={self.rollout.engine!r} needs the '{package}' "
+                             f"package, which is not installed (pip install -e '.[{package}]')")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,75 @@
+"""Start the roles of a run: all in this process ("inline": one rank per role, e.g. one GPU
+without Ray, or CPU tests) or as Ray worker groups ("ray")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gad_megatron.config import ConfigError, GADConfig
+from gad_megatron.trainer.roles import InlineGroup, Role
+from gad_megatron.trainer.setup import RunInputs
+from gad_megatron.workers.discriminator import DiscriminatorWorker
+from gad_megatron.workers.policy import ActorWorker, ReferenceWorker
+
+
+@dataclass
+class Roles:
+    actor: Role
+    rollout: Any
+    disc: Role | None
+    ref: Role | None
+    shutdown: Callable[[], None]
+
+
+class LocalRollout:
+    """A rollout engine in this process; weights arrive through an in-process transport."""
+
+    def __init__(self, engine, bucket_bytes: int):
+        self.engine, self.bucket_bytes = engine, bucket_bytes
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
+    def sync_from(self, actor: Role) -> None:
+        from gad_megatron.resharding.transport import InProcessTransport
+
+        actor.call_all("sync_weights", InProcessTransport(self.engine), self.bucket_bytes)
+
+
+def _make_engine(cfg: GADConfig, inputs: RunInputs):
+    from gad_megatron.rollout import make_engine
+
+    return make_engine(cfg.rollout.engine, inputs.hf_dir, tp=cfg.rollout.tp,
+                       eos_id=inputs.eos_id, pad_id=inputs.pad_id)
+
+
+def start_inline(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
+    for name, par in (("actor", cfg.actor.parallel), ("discriminator", cfg.discriminator.parallel),
+                      ("reference", cfg.reference.parallel)):
+        if par.world_size != 1:
+            raise ConfigError(f"the inline backend runs one rank per role; {name}.parallel has "
+                              f"{par.world_size} (use the ray backend)")
+    seed = cfg.train.seed
+    actor = Role("actor", InlineGroup(ActorWorker, cfg.actor, inputs.actor, inputs.pad_id, seed,
+                                      total_steps), cfg.actor.parallel)
+    disc = ref = None
+    if inputs.discriminator is not None:
+        disc = Role("discriminator", InlineGroup(
+            DiscriminatorWorker, cfg.discriminator, inputs.discriminator, inputs.pad_id,
+            inputs.eos_id, seed, total_steps), cfg.discriminator.parallel)
+    if inputs.reference is not None:
+        ref = Role("reference", InlineGroup(ReferenceWorker, cfg.reference, inputs.reference,
+                                            inputs.pad_id, seed), cfg.reference.parallel)
+    rollout = LocalRollout(_make_engine(cfg, inputs), cfg.rollout.bucket_mb << 20)
+    return Roles(actor, rollout, disc, ref, lambda: None)
+
+
+def start_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int, backend: str) -> Roles:
+    if backend == "inline":
+        return start_inline(cfg, inputs, total_steps)
+    if backend == "ray":
+        from gad_megatron.trainer.ray_backend import start_ray_roles
+
+        return start_ray_roles(cfg, inputs, total_steps)
+    raise ConfigError(f"unknown backend {backend!r}; use 'ray' or 'inline'")

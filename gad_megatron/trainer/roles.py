@@ -1,0 +1,109 @@
+"""A role (actor, discriminator, reference) as the controller sees it: one object whose calls
+fan out to every rank, with the batch split over data-parallel replicas and results taken from
+each replica's output rank (last pipeline stage, TP rank 0).
+
+The group underneath is a Ray worker group on a cluster, or `InlineGroup` (one rank in this
+process: GPU runs without Ray, and single-rank tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from gad_megatron.config.schema import ParallelConfig
+from gad_megatron.workers.sequences import Sequences
+
+# Metrics that are the same on every replica (not shares of a global sum).
+GLOBAL_METRICS = ("grad_norm", "lr", "update_ok", "num_zeros")
+
+
+class Group(Protocol):
+    def call(self, method: str, *args, **kwargs) -> list: ...
+    def call_per_rank(self, method: str, args_per_rank: list[tuple]) -> list: ...
+    def shutdown(self) -> None: ...
+
+
+class InlineGroup:
+    """A single rank living in this process (world size 1)."""
+
+    def __init__(self, worker_cls: type, *args, **kwargs):
+        self.worker = worker_cls(*args, **kwargs)
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        return [getattr(self.worker, method)(*args, **kwargs)]
+
+    def call_per_rank(self, method: str, args_per_rank: list[tuple]) -> list:
+        return [getattr(self.worker, method)(*args_per_rank[0])]
+
+    def shutdown(self) -> None:
+        self.worker = None
+
+
+def rank_coords(rank: int, par: ParallelConfig) -> tuple[int, int, int]:
+    """(dp, pp, tp) coordinates of a global rank under Megatron's default order (tp fastest,
+    then dp, then pp)."""
+    tp_rank = rank % par.tp
+    dp_rank = (rank // par.tp) % par.dp
+    pp_rank = rank // (par.tp * par.dp)
+    return dp_rank, pp_rank, tp_rank
+
+
+def split_groups(seqs: Sequences, dp: int) -> list[list[int]]:
+    """Contiguous, group-preserving index shards for `dp` replicas, balanced by tokens."""
+    bounds = [0] + [i for i in range(1, len(seqs)) if seqs.group[i] != seqs.group[i - 1]]
+    bounds.append(len(seqs))
+    units = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = seqs.lengths()
+    total = sum(lengths)
+    shards: list[list[int]] = [[] for _ in range(dp)]
+    acc, d = 0, 0
+    for u in units:
+        # Move to the next shard once this one holds its share of tokens.
+        if d < dp - 1 and shards[d] and acc >= total * (d + 1) / dp:
+            d += 1
+        shards[d].extend(u)
+        acc += sum(lengths[i] for i in u)
+    return shards
+
+
+class Role:
+    """Fan-out calls over one role's ranks."""
+
+    def __init__(self, name: str, group: Group, parallel: ParallelConfig):
+        self.name, self.group, self.par = name, group, parallel
+        self.coords = [rank_coords(r, parallel) for r in range(parallel.world_size)]
+
+    def call_all(self, method: str, *args) -> list:
+        return self.group.call(method, *args)
+
+    def _outputs(self, results: list) -> list:
+        """Per-replica results, in DP order, from each replica's output rank."""
+        last = self.par.pp - 1
+        picked = {dp: r for r, (dp, pp, tp) in zip(results, self.coords) if pp == last and tp == 0}
+        return [picked[d] for d in range(self.par.dp)]
+
+    def map_sequences(self, method: str, seqs: Sequences, *args) -> list:
+        """Run `method(shard, *args)` with each replica's shard; concatenate the per-sequence
+        results back into the original order."""
+        shards = split_groups(seqs, self.par.dp)
+        per_rank = [(seqs.take(shards[dp]),) + args for dp, _, _ in self.coords]
+        outs = self._outputs(self.group.call_per_rank(method, per_rank))
+        merged: list[Any] = [None] * len(seqs)
+        for shard, out in zip(shards, outs):
+            for i, value in zip(shard, out):
+                merged[i] = value
+        return merged
+
+    def train(self, method: str, seqs: Sequences, *args) -> dict:
+        """Run a training step; sum metric shares over replicas (global ones taken once)."""
+        shards = split_groups(seqs, self.par.dp)
+        per_rank = [(seqs.take(shards[dp]),) + args for dp, _, _ in self.coords]
+        outs = self._outputs(self.group.call_per_rank(method, per_rank))
+        merged: dict[str, float] = {}
+        for out in outs:
+            for k, v in out.items():
+                v = float(np.asarray(v))
+                merged[k] = v if k in GLOBAL_METRICS else merged.get(k, 0.0) + v
+        return merged

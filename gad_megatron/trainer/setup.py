@@ -1,0 +1,116 @@
+"""Everything a run needs before its first step: model files, tokenizer, data, weight sources."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gad_megatron.config import ConfigError, GADConfig, Stage, check_against_model
+from gad_megatron.workers.common import WeightsSource
+
+TINY_DIR = "init_model"
+
+
+def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_id: int) -> dict:
+    """A small Qwen3-shaped student for the embedded default (GQA, q/k norm, RoPE)."""
+    heads = max(2, hidden // 32)
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": hidden * 3,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2), "head_dim": 32, "hidden_act": "silu",
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
+        "eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": None,
+    }
+
+
+def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer) -> Path:
+    """Create (once) the embedded default's random student as an HF directory."""
+    import torch
+    import transformers as tf
+
+    from gad_megatron.data import eos_id, pad_id
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    hf = tiny_hf_config(len(tokenizer), cfg.model.tiny_layers, cfg.model.tiny_hidden,
+                        eos_id(tokenizer), pad_id(tokenizer))
+    torch.manual_seed(cfg.train.seed)
+    model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**hf))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@dataclass
+class RunInputs:
+    """Resolved inputs of a run."""
+
+    hf_dir: str
+    """HF directory of the initial student (architecture, tokenizer)."""
+    arch_config: dict
+    tokenizer: Any
+    pad_id: int
+    eos_id: int
+    actor: WeightsSource
+    discriminator: WeightsSource | None
+    reference: WeightsSource | None
+
+
+def latest_checkpoint(run_or_ckpt: str) -> Path:
+    """A checkpoint directory: `run_or_ckpt` itself, or the newest complete one in a run."""
+    path = Path(run_or_ckpt)
+    if (path / "actor" / "gad_checkpoint.json").is_file():
+        return path
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file():
+        return path / "checkpoints" / pointer.read_text().strip()
+    raise ConfigError(f"train.init_from={run_or_ckpt!r}: no complete checkpoint found there")
+
+
+def resolve_inputs(cfg: GADConfig) -> RunInputs:
+    """Model directory, tokenizer and each role's initial weights, checked against the config."""
+    from gad_megatron.data import eos_id, load_tokenizer, pad_id
+    from gad_megatron.models.hf_config import parse_hf_config
+
+    out = Path(cfg.run.out_dir)
+    if cfg.model.hf_path:
+        hf_dir = Path(cfg.model.hf_path)
+        tokenizer = load_tokenizer(cfg.data.tokenizer or str(hf_dir))
+    else:
+        tokenizer = load_tokenizer(cfg.data.tokenizer or "builtin")
+        hf_dir = write_tiny_model(out / TINY_DIR, cfg, tokenizer)
+    arch_config = json.loads((hf_dir / "config.json").read_text())
+    check_against_model(cfg, parse_hf_config(arch_config))
+    dtype = cfg.model.dtype
+    actor = WeightsSource(str(hf_dir), arch_config, dtype)
+    disc = WeightsSource(str(hf_dir), arch_config, dtype)
+    if cfg.train.stage == Stage.GAD:
+        if not cfg.train.init_from:
+            raise ConfigError("train.init_from must name the warmup run (or checkpoint) "
+                              "that the gad stage starts from")
+        ckpt = latest_checkpoint(cfg.train.init_from)
+        actor = WeightsSource(str(ckpt / "actor"), arch_config, dtype)
+        disc = WeightsSource(str(ckpt / "discriminator"), arch_config, dtype)
+    return RunInputs(
+        hf_dir=str(hf_dir), arch_config=arch_config, tokenizer=tokenizer,
+        pad_id=pad_id(tokenizer), eos_id=eos_id(tokenizer, cfg.data.eos_token), actor=actor,
+        discriminator=None if cfg.train.stage == Stage.SEQKD else disc,
+        reference=actor if cfg.train.stage == Stage.GAD else None)
+
+
+def build_loader(cfg: GADConfig, tokenizer):
+    """The training batches: validated dataset, group-aware deterministic loader."""
+    from gad_megatron.data import GroupLoader, build_dataset
+
+    data = cfg.data.replace(prompts_per_batch=cfg.train.prompts_per_step)
+    if not data.train_files:
+        raise ConfigError("data.train_files is empty: name the teacher-answer files "
+                          "(or use configs/default.yaml, which builds the built-in task)")
+    dataset = build_dataset(list(data.train_files), data, tokenizer)
+    return GroupLoader.from_config(dataset, data)

@@ -1,0 +1,173 @@
+"""One training step per stage, as an ordered list of calls on the roles.
+
+Pure orchestration: tensors maths lives in gad_megatron.algorithms, model work in the workers.
+Each step returns a flat dict of metrics for the step.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gad_megatron import algorithms as alg
+from gad_megatron.config.schema import GADConfig
+from gad_megatron.workers.sequences import Sequences
+
+
+@dataclass
+class StepContext:
+    """What a step needs: the config, the roles, the rollout, and token ids."""
+
+    cfg: GADConfig
+    actor: Any
+    rollout: Any
+    disc: Any = None
+    ref: Any = None
+    pad_id: int = 0
+    eos_id: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"time/{name}"] = time.perf_counter() - start
+
+
+def _lists(arrays) -> list[list[int]]:
+    return [np.asarray(a).tolist() for a in arrays]
+
+
+def teacher_sequences(batch) -> Sequences:
+    n = len(batch.prompt_ids)
+    return Sequences(_lists(batch.prompt_ids), _lists(batch.teacher_ids), list(range(n)))
+
+
+def sample(ctx: StepContext, batch, step: int) -> Sequences:
+    """n samples per prompt from the current student (prompt-major, grouped by prompt)."""
+    r = ctx.cfg.rollout
+    prompts = _lists(batch.prompt_ids)
+    with ctx.phase("rollout"):
+        gen = ctx.rollout.generate(prompts, r.n, r.temperature, r.top_p, r.max_new_tokens,
+                                   seed=ctx.cfg.train.seed * 100003 + step)
+    return Sequences([prompts[g] for g in gen.group_index], gen.responses, list(gen.group_index),
+                     {"engine_logprobs": gen.logprobs})
+
+
+def bt_pairs(teacher: Sequences, samples: Sequences) -> Sequences:
+    """Group-ordered sequences for the BT update: each teacher answer, then its samples."""
+    prompts, responses, group, is_teacher = [], [], [], []
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(samples.group):
+        by_group.setdefault(g, []).append(i)
+    for g in range(len(teacher)):
+        prompts.append(teacher.prompts[g]), responses.append(teacher.responses[g])
+        group.append(g), is_teacher.append(True)
+        for i in by_group.get(g, []):
+            prompts.append(samples.prompts[i]), responses.append(samples.responses[i])
+            group.append(g), is_teacher.append(False)
+    return Sequences(prompts, responses, group, {"is_teacher": is_teacher})
+
+
+def score(ctx: StepContext, teacher: Sequences, samples: Sequences):
+    """D's scores of teacher answers and samples (before D's update this step) + metrics."""
+    with ctx.phase("score"):
+        t = np.asarray(ctx.disc.map_sequences("scores", teacher), dtype=np.float32)
+        s = np.asarray(ctx.disc.map_sequences("scores", samples), dtype=np.float32)
+    t_rep = torch.from_numpy(t[np.asarray(samples.group)])
+    identical = torch.tensor([samples.responses[i] == teacher.responses[g]
+                              for i, g in enumerate(samples.group)])
+    metrics = alg.discriminator_metrics(t_rep, torch.from_numpy(s), identical)
+    return t, s, {f"d/{k}": v for k, v in metrics.items()}
+
+
+def update_discriminator(ctx: StepContext, teacher: Sequences, samples: Sequences) -> dict:
+    with ctx.phase("d_update"):
+        out = ctx.disc.train("bt_step", bt_pairs(teacher, samples), len(samples))
+    return {f"d/{k}": v for k, v in out.items()}
+
+
+def sync_rollout(ctx: StepContext) -> None:
+    with ctx.phase("weight_sync"):
+        ctx.rollout.sync_from(ctx.actor)
+
+
+def length_metrics(teacher: Sequences, samples: Sequences | None) -> dict:
+    out = {"g/teacher_len_mean": float(np.mean([len(r) for r in teacher.responses]))}
+    if samples is not None:
+        lens = [len(r) for r in samples.responses]
+        out.update({"g/response_len_mean": float(np.mean(lens)),
+                    "g/response_len_max": float(np.max(lens))})
+    return out
+
+
+def warmup_step(ctx: StepContext, batch, step: int) -> dict:
+    """D by BT every step; G by SFT on teacher answers once step >= d_only_steps."""
+    teacher = teacher_sequences(batch)
+    samples = sample(ctx, batch, step)
+    _, _, metrics = score(ctx, teacher, samples)
+    metrics.update(update_discriminator(ctx, teacher, samples))
+    if step >= ctx.cfg.train.d_only_steps:
+        with ctx.phase("g_update"):
+            g = ctx.actor.train("sft_step", teacher, teacher.response_tokens())
+        metrics.update({f"g/{k}": v for k, v in g.items()})
+        sync_rollout(ctx)
+    metrics.update(length_metrics(teacher, samples))
+    return metrics
+
+
+def seqkd_step(ctx: StepContext, batch, step: int) -> dict:
+    """The SFT-only baseline: no samples, no discriminator."""
+    teacher = teacher_sequences(batch)
+    with ctx.phase("g_update"):
+        g = ctx.actor.train("sft_step", teacher, teacher.response_tokens())
+    metrics = {f"g/{k}": v for k, v in g.items()}
+    metrics.update(length_metrics(teacher, None))
+    return metrics
+
+
+def _global_norm(samples: Sequences, agg: str) -> float:
+    if agg == "token-mean":
+        return float(samples.response_tokens())
+    return float(sum(1 for r in samples.responses if r))
+
+
+def gad_step(ctx: StepContext, batch, step: int) -> dict:
+    """G by the clipped policy loss with reward = D's pre-update score; D by BT."""
+    cfg = ctx.cfg
+    teacher = teacher_sequences(batch)
+    samples = sample(ctx, batch, step)
+    with ctx.phase("logprobs"):
+        old = ctx.actor.map_sequences("logprobs", samples, cfg.rollout.temperature)
+        ref = ctx.ref.map_sequences("logprobs", samples, cfg.rollout.temperature)
+    _, rewards, metrics = score(ctx, teacher, samples)
+    adv = alg.grpo_advantages(torch.from_numpy(rewards), torch.tensor(samples.group))
+    metrics.update(update_discriminator(ctx, teacher, samples))
+    samples.fields.update(advantage=adv.tolist(), old_logprobs=[a.tolist() for a in old],
+                          ref_logprobs=[a.tolist() for a in ref])
+    with ctx.phase("g_update"):
+        g = ctx.actor.train("policy_step", samples, _global_norm(samples, cfg.actor.loss_agg),
+                            cfg.rollout.temperature)
+    metrics.update({f"g/{k}": v for k, v in g.items()})
+    metrics["g/reward_mean"] = float(rewards.mean())
+    metrics["g/engine_logprob_max_diff"] = _max_diff(samples.fields["engine_logprobs"], old)
+    metrics["g/ref_logprob_max_diff"] = _max_diff(ref, old)
+    sync_rollout(ctx)
+    metrics.update(length_metrics(teacher, samples))
+    return metrics
+
+
+def _max_diff(a, b) -> float:
+    diffs = [np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+             for x, y in zip(a, b) if len(x)]
+    return float(max(diffs)) if diffs else 0.0
+
+
+STEPS = {"warmup": warmup_step, "gad": gad_step, "seqkd": seqkd_step}

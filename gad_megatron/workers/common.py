@@ -1,0 +1,82 @@
+"""What every Megatron worker rank does the same way: rendezvous, build, load, place.
+
+Workers are plain classes; these helpers are composed into them, never inherited.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gad_megatron.config.schema import ParallelConfig
+from gad_megatron.models.hf_config import HFArch, parse_hf_config
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a worker's initial weights come from."""
+
+    path: str
+    """An HF model directory, or a checkpoint directory written by this project."""
+    arch_config: dict
+    """The HF config.json of the architecture."""
+    dtype: str = "float32"
+
+    @property
+    def is_megatron(self) -> bool:
+        return (Path(self.path) / "gad_checkpoint.json").is_file()
+
+    def arch(self) -> HFArch:
+        return parse_hf_config(self.arch_config)
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def start_rank(parallel: ParallelConfig, seed: int) -> None:
+    """Join this role's process group and set Megatron's parallel state."""
+    from gad_megatron.parallel.dist import ParallelLayout, device, init_distributed
+
+    if device().type == "cpu":
+        # Several ranks share few cores: one thread each avoids oversubscription stalls.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    init_distributed(ParallelLayout(parallel.tp, parallel.pp, parallel.dp), seed=seed)
+
+
+def load_into(model, source: WeightsSource, skip: tuple[str, ...] = ()) -> None:
+    """Load HF weights or a project checkpoint into this rank's shard."""
+    if source.is_megatron:
+        from gad_megatron.checkpoint.megatron_ckpt import load_model_checkpoint
+
+        load_model_checkpoint(model, source.path)
+    else:
+        from gad_megatron.checkpoint.hf_io import load_hf_weights
+
+        load_hf_weights(model, source.arch(), source.path, skip=skip)
+
+
+def to_device(model):
+    from gad_megatron.parallel.dist import device
+
+    return model.to(device()) if device().type == "cuda" else model
+
+
+def is_output_rank() -> bool:
+    """The rank whose results the controller collects: last pipeline stage, TP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+
+def pipeline_parallel() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size() > 1
+
+
+def pid() -> int:
+    """This worker's process id (tests kill workers by pid)."""
+    return os.getpid()

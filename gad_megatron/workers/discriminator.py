@@ -1,0 +1,139 @@
+"""The discriminator rank: sequence scores, and the Bradley-Terry update on (teacher, sample)
+pairs. Teacher answers and student samples go through exactly the same scoring path."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gad_megatron import algorithms as alg
+from gad_megatron.config.schema import DiscriminatorConfig
+from gad_megatron.models.builder import BuildOptions
+from gad_megatron.models.discriminator import (
+    HEAD_PREFIX, build_discriminator, last_valid_scores)
+from gad_megatron.models.forward import MicroBatch, run_schedule
+from gad_megatron.workers import common
+from gad_megatron.workers.sequences import Sequences, micro_batches
+
+
+def strip_trailing_eos(seqs: Sequences, eos_id: int) -> Sequences:
+    """The same sequences with one trailing EOS removed from each response that has one."""
+    responses = [r[:-1] if r and r[-1] == eos_id and len(r) > 1 else r for r in seqs.responses]
+    return Sequences(seqs.prompts, responses, seqs.group, seqs.fields)
+
+
+class DiscriminatorWorker:
+    """One rank of the discriminator role."""
+
+    def __init__(self, cfg: DiscriminatorConfig, source: common.WeightsSource, pad_id: int,
+                 eos_id: int, seed: int = 1234, total_steps: int = 1000):
+        from gad_megatron.models.optim import wrap_for_training
+
+        common.start_rank(cfg.parallel, seed)
+        self.cfg, self.pad_id, self.eos_id = cfg, pad_id, eos_id
+        self.arch = source.arch()
+        opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False)
+        model = common.to_device(build_discriminator(
+            self.arch, cfg.parallel.tp, cfg.parallel.pp, opts, cfg.head_init_std))
+        common.load_into(model, source, skip=(HEAD_PREFIX,))
+        self.model, self.optimizer, self.scheduler = wrap_for_training(
+            model, cfg.optim, total_steps=total_steps)
+
+    def pid(self) -> int:
+        return common.pid()
+
+    def _prepare(self, seqs: Sequences) -> Sequences:
+        return seqs if self.cfg.score_eos else strip_trailing_eos(seqs, self.eos_id)
+
+    def _batches(self, seqs: Sequences, keep_groups: bool) -> list[MicroBatch]:
+        from gad_megatron.parallel.dist import device
+
+        mbs = micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id,
+                            uniform=common.pipeline_parallel(), keep_groups=keep_groups)
+        for mb in mbs:
+            mb.tokens, mb.valid = mb.tokens.to(device()), mb.valid.to(device())
+        return mbs
+
+    @torch.no_grad()
+    def scores(self, seqs: Sequences) -> np.ndarray | None:
+        """One score per sequence; identical sequences are scored once and share the score."""
+        seqs = self._prepare(seqs)
+        keys = [tuple(p) + (-1,) + tuple(r) for p, r in zip(seqs.prompts, seqs.responses)]
+        first: dict[tuple, int] = {}  # key -> position among the unique sequences
+        index: list[int] = []  # unique position -> first sequence with that key
+        for i, k in enumerate(keys):
+            if k not in first:
+                first[k] = len(index)
+                index.append(i)
+        self.model.eval()
+        outs = run_schedule(self.model, self._batches(seqs.take(index), False),
+                            lambda o, mb: _row_scores(o, mb))
+        if not common.is_output_rank():
+            return None
+        uniq_scores = np.concatenate([o.cpu().numpy() for o in outs])
+        return np.array([uniq_scores[first[k]] for k in keys], dtype=np.float32)
+
+    def bt_step(self, seqs: Sequences, global_pairs: int) -> dict:
+        """One BT update. `seqs` is group-ordered: each group's teacher answer (field
+        'is_teacher' True) and its student samples; each sample pairs with its teacher."""
+        from gad_megatron.models.optim import train_step
+
+        cfg = self.cfg
+        seqs = self._prepare(seqs)
+        self.model.train()
+
+        def loss_fn(out, mb):
+            rows = _row_scores(out, mb)  # [B]
+            t, s, same = _pairs(rows, mb, seqs)
+            n = t.shape[0]
+            bt = alg.bradley_terry_loss(t, s, cfg.bt_temperature, cfg.bt_margin) if n else \
+                rows.sum() * 0.0
+            loss = bt * (n / global_pairs)
+            if cfg.score_reg_weight > 0:
+                loss = loss + alg.score_regularizer(
+                    torch.cat([t, s]), cfg.score_reg_threshold, cfg.score_reg_weight
+                ) * (n / global_pairs)
+            return loss, torch.tensor(n), {"d_loss": loss.detach()}
+
+        metrics = train_step(self.model, self.optimizer, self.scheduler,
+                             self._batches(seqs, keep_groups=True), loss_fn)
+        return metrics if common.is_output_rank() else {}
+
+    def save(self, out_dir: str) -> None:
+        from gad_megatron.checkpoint.megatron_ckpt import save_model_checkpoint
+
+        p = self.cfg.parallel
+        bare = self.model.module if hasattr(self.model, "module") else self.model
+        save_model_checkpoint(bare, self.arch, out_dir, p.tp, p.pp)
+
+
+def _row_scores(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    rows = last_valid_scores(out, mb.valid)
+    real = torch.tensor([i >= 0 for i in mb.extra["index"]], device=rows.device)
+    return rows[real]
+
+
+def _pairs(rows: torch.Tensor, mb: MicroBatch, seqs: Sequences):
+    """(teacher score, sample score, identical) per student row of the micro-batch.
+
+    A sample whose tokens equal its teacher answer's gets the teacher's score *tensor*, so the
+    pair's gap is exactly 0 and contributes no gradient: D cannot tell identical answers apart.
+    """
+    index = [i for i in mb.extra["index"] if i >= 0]
+    teacher_row: dict[int, int] = {}
+    for row, i in enumerate(index):
+        if seqs.fields["is_teacher"][i]:
+            teacher_row[seqs.group[i]] = row
+    t_list, s_list, same = [], [], []
+    for row, i in enumerate(index):
+        if seqs.fields["is_teacher"][i]:
+            continue
+        tr = teacher_row[seqs.group[i]]
+        ti = index[tr]
+        identical = seqs.responses[i] == seqs.responses[ti] and seqs.prompts[i] == seqs.prompts[ti]
+        t_list.append(rows[tr])
+        s_list.append(rows[tr] if identical else rows[row])
+        same.append(identical)
+    if not t_list:
+        return rows[:0], rows[:0], []
+    return torch.stack(t_list), torch.stack(s_list), same

@@ -1,0 +1,127 @@
+"""Sequences as the workers receive them, and their packing into Megatron micro-batches.
+
+A `Sequences` is what crosses process boundaries (plain lists, cheap to pickle). Workers turn
+it into right-padded `MicroBatch`es under a token budget. Sequence i is `prompt_i + response_i`;
+the model at position t predicts token t+1, so response token k of a sequence is scored at
+position `len(prompt) - 1 + k`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gad_megatron.models.forward import MicroBatch
+
+
+@dataclass
+class Sequences:
+    """N (prompt, response) token sequences plus per-sequence fields."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    group: list[int] = field(default_factory=list)
+    """Prompt-group id of each sequence (GRPO groups, BT pairing, DP splits keep groups)."""
+    fields: dict[str, list[Any]] = field(default_factory=dict)
+    """Per-sequence extras, e.g. 'advantage' (float), 'old_logprobs' (list[float])."""
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.responses):
+            raise ValueError("prompts and responses differ in length")
+        if not self.group:
+            self.group = list(range(len(self.prompts)))
+        for name, values in self.fields.items():
+            if len(values) != len(self.prompts):
+                raise ValueError(f"field {name!r} has {len(values)} values for "
+                                 f"{len(self.prompts)} sequences")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index: list[int]) -> "Sequences":
+        return Sequences([self.prompts[i] for i in index], [self.responses[i] for i in index],
+                         [self.group[i] for i in index],
+                         {k: [v[i] for i in index] for k, v in self.fields.items()})
+
+    def lengths(self) -> list[int]:
+        return [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
+
+    def response_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+
+def budget_chunks(lengths: list[int], token_budget: int, groups: list[int] | None = None
+                  ) -> list[list[int]]:
+    """Consecutive index chunks whose padded size (rows * longest row) fits `token_budget`.
+
+    With `groups`, a chunk never splits a group (a group larger than the budget gets a chunk
+    of its own). Order is preserved, so results map back by concatenation.
+    """
+    units: list[list[int]] = []
+    for i in range(len(lengths)):
+        if groups is not None and units and groups[units[-1][-1]] == groups[i]:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    for unit in units:
+        cand = cur + unit
+        if cur and len(cand) * max(lengths[j] for j in cand) > token_budget:
+            chunks.append(cur)
+            cand = list(unit)
+        cur = cand
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int, rows: int | None = None,
+                   width: int | None = None) -> MicroBatch:
+    """Right-padded tokens [B, T] of sequences `index`, with `extra`:
+
+    - 'resp_mask' [B, T]: positions whose *next* token is a response token;
+    - 'targets' [B, T]: the next token at each position (pad at the end);
+    - 'index': the sequence indices, or -1 for filler rows (padding up to `rows`, which the
+      pipeline schedule needs: all micro-batches of one call share one shape).
+    """
+    lengths = [len(seqs.prompts[i]) + len(seqs.responses[i]) for i in index]
+    b = rows or len(index)
+    t = width or max(lengths)
+    tokens = torch.full((b, t), pad_id, dtype=torch.long)
+    valid = torch.zeros(b, t, dtype=torch.bool)
+    resp = torch.zeros(b, t, dtype=torch.bool)
+    valid[len(index):, 0] = True  # a filler row keeps one valid token so attention stays finite
+    for row, i in enumerate(index):
+        p, r = seqs.prompts[i], seqs.responses[i]
+        tokens[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        valid[row, : len(p) + len(r)] = True
+        resp[row, len(p) - 1: len(p) + len(r) - 1] = True
+    targets = torch.full_like(tokens, pad_id)
+    targets[:, :-1] = tokens[:, 1:]
+    return MicroBatch(tokens, valid, {"resp_mask": resp, "targets": targets,
+                                      "index": list(index) + [-1] * (b - len(index))})
+
+
+def micro_batches(seqs: Sequences, token_budget: int, pad_id: int, uniform: bool,
+                  keep_groups: bool = False) -> list[MicroBatch]:
+    """All of `seqs` as micro-batches; `uniform` pads them to one shape (pipeline parallel)."""
+    if len(seqs) == 0:
+        return []
+    lengths = seqs.lengths()
+    chunks = budget_chunks(lengths, token_budget, seqs.group if keep_groups else None)
+    rows = max(len(c) for c in chunks) if uniform else None
+    width = max(lengths) if uniform else None
+    return [to_micro_batch(seqs, c, pad_id, rows, width) for c in chunks]
+
+
+def per_sequence(values: torch.Tensor, mb: MicroBatch) -> list[np.ndarray]:
+    """Split [B, T] position values into per-sequence response arrays (filler rows dropped)."""
+    out = []
+    for row, i in enumerate(mb.extra["index"]):
+        if i >= 0:
+            out.append(values[row][mb.extra["resp_mask"][row]].detach().cpu().numpy())
+    return out
