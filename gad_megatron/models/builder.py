@@ -135,7 +135,31 @@ def build_gpt(arch: HFArch, tp: int, pp: int, opts: BuildOptions = BuildOptions(
     )
     if rope.kind == "llama3":
         model.rotary_pos_emb.inv_freq = _llama3_inv_freq(arch, model.rotary_pos_emb)
+    if not opts.init_weights:
+        mark_tensor_parallel(model)
     return model
+
+
+def mark_tensor_parallel(model) -> None:
+    """Tag split weights as tensor-parallel when Megatron skipped their initialisation.
+
+    Megatron sets `tensor_model_parallel` on a weight only inside its init functions, so
+    with `perform_initialization=False` (weights loaded right after) the split weights look
+    replicated: the grad norm then counts them on TP rank 0 only and clipping goes wrong.
+    """
+    from megatron.core import tensor_parallel as tpl
+
+    dims = ((tpl.ColumnParallelLinear, 0), (tpl.RowParallelLinear, 1),
+            (tpl.VocabParallelEmbedding, 0))
+    te_dims = {"column": 0, "row": 1}  # Transformer Engine linears say it by `parallel_mode`
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or getattr(weight, "tensor_model_parallel", False):
+            continue
+        dim = next((d for cls, d in dims if isinstance(module, cls)),
+                   te_dims.get(getattr(module, "parallel_mode", None)))
+        if dim is not None:
+            tpl.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 @functools.lru_cache(maxsize=16)

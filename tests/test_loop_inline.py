@@ -1,0 +1,128 @@
+"""The stage logic, driven in this process with one rank per role (the inline backend):
+the same workers and steps the Ray backend runs, without Ray."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gad_megatron.config import load_config
+from gad_megatron.data.task import write_task
+from gad_megatron.trainer import steps as steps_mod
+from gad_megatron.trainer.backends import start_inline
+from gad_megatron.trainer.controller import train
+from gad_megatron.trainer.setup import build_loader, resolve_inputs
+
+
+def tiny_cfg(tmp_path, stage="warmup", *extra):
+    task = tmp_path / "task"
+    if not (task / "train.jsonl").exists():
+        write_task(task, n_train=64, n_test=8, seed=0)
+    return load_config("configs/default.yaml", [
+        f"run.out_dir={tmp_path / stage}", f"train.stage={stage}", "train.steps=3",
+        "train.prompts_per_step=4", "train.d_only_steps=1", "train.save_every=0",
+        f"data.train_files={task / 'train.jsonl'}", f"data.eval_files={task / 'test.jsonl'}",
+        "rollout.n=2", "rollout.max_new_tokens=12", "model.tiny_hidden=32", *extra])
+
+
+class Spy:
+    """Wraps a role and records the order of its calls."""
+
+    def __init__(self, role, log, name):
+        self.role, self.log, self.name = role, log, name
+
+    def __getattr__(self, attr):
+        fn = getattr(self.role, attr)
+
+        def wrapped(method, *args):
+            self.log.append((self.name, method))
+            return fn(method, *args)
+        return wrapped
+
+
+def context(cfg):
+    inputs = resolve_inputs(cfg)
+    loader = build_loader(cfg, inputs.tokenizer)
+    roles = start_inline(cfg, inputs, total_steps=10)
+    roles.rollout.sync_from(roles.actor)
+    ctx = steps_mod.StepContext(cfg, roles.actor, roles.rollout, roles.disc, roles.ref,
+                                inputs.pad_id, inputs.eos_id)
+    return ctx, loader, roles
+
+
+def actor_norm(roles) -> float:
+    return roles.actor.call_all("weight_norm")[0]
+
+
+def test_warmup_trains_only_d_for_the_first_d_only_steps(tmp_path):
+    cfg = tiny_cfg(tmp_path, "warmup", "train.d_only_steps=2")
+    ctx, loader, roles = context(cfg)
+    norms = [actor_norm(roles)]
+    for step in range(3):
+        metrics = steps_mod.warmup_step(ctx, loader.next_batch(), step)
+        norms.append(actor_norm(roles))
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert ("g/sft_loss" in metrics) == (step >= 2)
+    assert norms[0] == norms[1] == norms[2], "G must not change during the D-only steps"
+    assert norms[3] != norms[2], "G must change once SFT starts"
+
+
+def test_gad_rewards_are_scores_from_before_the_d_update(tmp_path):
+    warm = tiny_cfg(tmp_path, "warmup", "train.steps=2")
+    train(warm, backend="inline")
+    cfg = tiny_cfg(tmp_path, "gad", f"train.init_from={tmp_path / 'warmup'}")
+    ctx, loader, roles = context(cfg)
+    log: list = []
+    ctx.disc = Spy(roles.disc, log, "disc")
+    ctx.actor = Spy(roles.actor, log, "actor")
+    batch = loader.next_batch()
+    samples_seen = {}
+    real_score = steps_mod.score
+
+    def score_and_keep(ctx_, teacher, samples):
+        t, s, m = real_score(ctx_, teacher, samples)
+        samples_seen.update(samples=samples, rewards=s)
+        return t, s, m
+
+    steps_mod.score = score_and_keep
+    try:
+        metrics = steps_mod.gad_step(ctx, batch, 0)
+    finally:
+        steps_mod.score = real_score
+    disc_calls = [m for who, m in log if who == "disc"]
+    assert disc_calls == ["scores", "scores", "bt_step"]
+    # Step-0 invariants: the actor *is* the reference, so their log-probs agree and KL = 0.
+    assert metrics["g/ref_logprob_max_diff"] == 0.0
+    assert abs(metrics["g/kl"]) < 1e-7
+    assert metrics["g/engine_logprob_max_diff"] < 1e-4
+    assert np.isclose(metrics["g/reward_mean"], float(samples_seen["rewards"].mean()))
+    after = np.asarray(roles.disc.map_sequences("scores", samples_seen["samples"]))
+    assert not np.allclose(after, samples_seen["rewards"]), "D was updated after scoring"
+
+
+def test_identical_answer_scores_exactly_the_teacher_score(tmp_path):
+    cfg = tiny_cfg(tmp_path, "warmup")
+    ctx, loader, roles = context(cfg)
+    batch = loader.next_batch()
+    teacher = steps_mod.teacher_sequences(batch)
+    samples = steps_mod.sample(ctx, batch, 0)
+    samples.responses[0] = list(teacher.responses[samples.group[0]])  # copy the teacher answer
+    t, s, metrics = steps_mod.score(ctx, teacher, samples)
+    assert s[0] == t[samples.group[0]]
+    assert metrics["d/identical_count"] >= 1 and metrics["d/identical_abs_gap"] == 0.0
+    out = roles.disc.train("bt_step", steps_mod.bt_pairs(teacher, samples), len(samples))
+    assert math.isfinite(out["d_loss"])
+
+
+def test_seqkd_never_builds_a_discriminator(tmp_path, monkeypatch):
+    from gad_megatron.workers import discriminator
+
+    def refuse(*a, **k):
+        raise AssertionError("seqkd must not build a discriminator")
+
+    monkeypatch.setattr(discriminator.DiscriminatorWorker, "__init__", refuse)
+    history = train(tiny_cfg(tmp_path, "seqkd"), backend="inline")
+    assert len(history) == 3 and all(math.isfinite(m["g/sft_loss"]) for m in history)
+    assert not list((tmp_path / "seqkd").rglob("discriminator"))
