@@ -1,0 +1,84 @@
+"""SGLang as the rollout engine: a thin adapter over SGLang's offline `sglang.Engine`.
+
+EXTERNAL BOUNDARY. This module drives a package we cannot install or run on CPU, so nothing
+here is exercised by the CPU test suite; `tests/test_rollout_gpu_engines.py` (marked gpu)
+checks it where SGLang and a GPU are present. SGLang is imported lazily, inside the methods,
+so importing this module never needs sglang.
+
+Choices, and why:
+- Token ids in (`input_ids=`), token ids out (`output_ids`): no detokenise round trip.
+- The n samples of a prompt are sent as n copies of the request, in prompt-major order, so
+  the result order is ours by construction; each copy gets its own sampling seed
+  (seed + index) so a call is reproducible and the copies differ.
+- Log-probs come from `meta_info["output_token_logprobs"]` (`return_logprob=True`), one
+  (logprob, token_id, text) triple per generated token. SGLang computes them from the
+  temperature-scaled logits (unless SGLANG_RETURN_ORIGINAL_LOGPROB is set), before top-p.
+- Weights: `update_weights_from_tensor` takes HF-named full tensors; each engine-TP rank cuts
+  its own shard in the model's `load_weights`, so every rank receives every tensor.
+  `flush_cache=True` drops radix-cache KV blocks computed with the old weights.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from gad_megatron.rollout.base import Generation
+
+
+class SGLangEngine:
+    """`sglang.Engine` behind the RolloutEngine protocol."""
+
+    def __init__(self, model_path: str, tp: int = 1, dtype: str = "bfloat16",
+                 gpu_memory_utilization: float = 0.5, eos_id: int | None = None,
+                 pad_id: int | None = None, **engine_kwargs):
+        import sglang
+
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.engine = sglang.Engine(model_path=str(model_path), tp_size=tp, dtype=dtype,
+                                    mem_fraction_static=gpu_memory_utilization,
+                                    skip_tokenizer_init=True, enable_memory_saver=True,
+                                    **engine_kwargs)
+        self._asleep = False
+
+    def _sampling_params(self, temperature: float, top_p: float, max_new_tokens: int,
+                         seed: int) -> dict:
+        greedy = temperature == 0.0
+        params = {"temperature": float(temperature), "top_p": 1.0 if greedy else float(top_p),
+                  "top_k": -1, "max_new_tokens": max_new_tokens, "sampling_seed": seed,
+                  "skip_special_tokens": False}
+        if self.eos_id is not None:
+            params["stop_token_ids"] = [self.eos_id]
+        return params
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> Generation:
+        ids = [p for p in prompts for _ in range(n)]  # prompt-major: row i*n+j
+        params = [self._sampling_params(temperature, top_p, max_new_tokens, seed + k)
+                  for k in range(len(ids))]
+        outs = self.engine.generate(input_ids=ids, sampling_params=params, return_logprob=True)
+        responses, logprobs, finished = [], [], []
+        for out in outs:
+            meta = out["meta_info"]
+            responses.append(list(out["output_ids"]))
+            logprobs.append([float(lp) for lp, _tok, _text in meta["output_token_logprobs"]])
+            finished.append((meta.get("finish_reason") or {}).get("type") == "stop")
+        group = [k // n for k in range(len(ids))]
+        return Generation(responses=responses, logprobs=logprobs, group_index=group,
+                          finished=finished)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        bucket = [(name, t.detach()) for name, t in named_tensors]
+        self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=True)
+
+    def sleep(self) -> None:
+        # Frees weights and KV cache memory (torch_memory_saver); weights come back on resume.
+        if not self._asleep:
+            self.engine.release_memory_occupation()
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.engine.resume_memory_occupation()
+            self._asleep = False
