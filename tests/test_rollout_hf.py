@@ -117,3 +117,19 @@ def test_sleep_wake_noop_on_cpu(engine):
     engine.wake()
     g = engine.generate([[1, 2]], n=1, temperature=1.0, top_p=1.0, max_new_tokens=2, seed=0)
     assert len(g.responses) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_rotary_buffers_recomputed(tmp_path, family):
+    # megatron_patches leave transformers' rotary buffers uninitialised (they are not in the
+    # checkpoint); the engine recomputes them, so a zeroed buffer must come back exact.
+    from gad_megatron.rollout.hf_engine import _reset_rotary_buffers
+
+    d = make_hf_model(family, tmp_path / family)
+    e = HFEngine.from_pretrained(d, eos_id=EOS, pad_id=0)
+    rope = e.model.model.rotary_emb
+    want = rope.inv_freq.clone()
+    rope.inv_freq.zero_()
+    rope.original_inv_freq.zero_()
+    _reset_rotary_buffers(e.model)
+    assert torch.equal(rope.inv_freq, want) and torch.equal(rope.original_inv_freq, want)

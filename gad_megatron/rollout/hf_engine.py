@@ -25,6 +25,30 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+@torch.no_grad()
+def _reset_rotary_buffers(model) -> None:
+    """Recompute the rotary `inv_freq` buffers from the config.
+
+    They are non-persistent (not in the checkpoint): transformers fills them during its init
+    pass, which leaves them uninitialised when megatron_patches are active in the process (its
+    CPU redirect of tensor factories; seen with transformers 5.x). The weight sync never sends
+    buffers, so a wrong buffer would silently decode with the wrong positions; recompute them
+    here, with the module's own rope function, whatever the loader did.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        if not (hasattr(module, "inv_freq") and hasattr(module, "rope_type")):
+            continue
+        fn = (module.compute_default_rope_parameters if module.rope_type == "default"
+              else ROPE_INIT_FUNCTIONS[module.rope_type])
+        inv_freq, scaling = fn(module.config)
+        module.inv_freq.copy_(inv_freq)
+        if hasattr(module, "original_inv_freq"):
+            module.original_inv_freq.copy_(inv_freq)
+        module.attention_scaling = scaling
+
+
 class HFEngine:
     """Samples with `model.generate` (KV cache, left-padded batches); weights replaced in place."""
 
@@ -41,6 +65,7 @@ class HFEngine:
         if model is None:
             config = tf.AutoConfig.for_model(**cfg)
             model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        _reset_rotary_buffers(model)
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
         # A checkpoint's generation_config.json (Qwen ships top_k=20, repetition_penalty...)
