@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
 import os
+import sys
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -80,11 +83,59 @@ _FACTORIES = (
 )
 
 
+class _TorchProxy(types.ModuleType):
+    """`torch` as Megatron's modules see it: the real module, but with factories that map a
+    CUDA device to the CPU. Other libraries in the process (transformers) keep the real
+    factories: replacing them globally breaks transformers' lazy weight initialisation."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _redirect_device_kwarg(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_PROXY: _TorchProxy | None = None
+
+
+def _swap_torch(module) -> None:
+    if getattr(module, "torch", None) is torch:
+        module.torch = _PROXY
+
+
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Gives megatron.* modules imported later (many are imported lazily) the proxy too."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith("megatron."):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                exec_module = spec.loader.exec_module
+
+                def patched_exec(module, _exec=exec_module):
+                    _exec(module)
+                    _swap_torch(module)
+
+                spec.loader.exec_module = patched_exec
+                return spec
+            if spec is not None:
+                return spec
+        return None
+
+
 def _install_factories() -> None:
-    for name in _FACTORIES:
-        fn = getattr(torch, name)
-        if not getattr(fn, "__gad_cpu_patch__", False):
-            setattr(torch, name, _redirect_device_kwarg(fn))
+    global _PROXY
+    _PROXY = _TorchProxy()
+    sys.meta_path.insert(0, _MegatronImportHook())
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.") and module is not None:
+            _swap_torch(module)
 
 
 def _install_tensor_moves() -> None:
@@ -219,7 +270,8 @@ def _install_causal_mask() -> None:
 
 
 PATCHES: tuple[Patch, ...] = (
-    Patch("torch.<factories>(device=cuda)", "Megatron allocates with device=current_device()/'cuda'",
+    Patch("megatron.*: torch.<factories>(device=cuda)",
+          "Megatron allocates with device=current_device()/'cuda'",
           _install_factories),
     Patch("torch.Tensor.to/.cuda, Module.cuda", "Megatron moves tensors and modules with .cuda()",
           _install_tensor_moves),

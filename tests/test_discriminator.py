@@ -33,8 +33,8 @@ def build(model_dir, head_seed=None):
     if head_seed is not None and model.post_process:  # identical head across layouts
         g = torch.Generator().manual_seed(head_seed)
         with torch.no_grad():
-            model.output_layer.linear.weight.copy_(torch.randn(1, 32, generator=g) * 0.1)
-            model.output_layer.linear.bias.fill_(0.05)
+            model.output_layer.weight.copy_(torch.randn(1, 32, generator=g) * 0.1)
+            model.output_layer.bias.fill_(0.05)
     return arch, model
 
 
@@ -88,7 +88,7 @@ def bt_step_rank(rank, model_dir):
     index = HFTensorIndex(model_dir)
     backbone_ok = torch.equal(model.decoder.layers[1].mlp.linear_fc2.weight,
                               index.get("model.layers.1.mlp.down_proj.weight"))
-    head_std = model.output_layer.linear.weight.std().item()
+    head_std = model.output_layer.weight.std().item()
     teacher, t_valid = padded([SEQS[0]], "right", 8)
     student, s_valid = padded([SEQS[2]], "right", 8)
     before = (scores(model, teacher, t_valid) - scores(model, student, s_valid)).item()

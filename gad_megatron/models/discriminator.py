@@ -27,12 +27,15 @@ class ScalarHead(torch.nn.Module):
     def __init__(self, config, init_std: float):
         super().__init__()
         self.sequence_parallel = bool(config.sequence_parallel)
-        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=config.params_dtype)
+        # Named weight/bias directly (not a nested Linear): Megatron's language-model
+        # checkpoint code looks for `output_layer.weight` on the last stage.
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size,
+                                                     dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
         # A fresh, small head: initial scores are near 0 for every sequence, so the first
         # Bradley-Terry steps see an unsaturated sigmoid.
         with torch.no_grad():
-            torch.nn.init.normal_(self.linear.weight, std=init_std)
-            self.linear.bias.zero_()
+            torch.nn.init.normal_(self.weight, std=init_std)
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
@@ -40,7 +43,7 @@ class ScalarHead(torch.nn.Module):
                 gather_from_sequence_parallel_region)
 
             hidden_states = gather_from_sequence_parallel_region(hidden_states)
-        return self.linear(hidden_states), None
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
 def build_discriminator(arch: HFArch, tp: int, pp: int, opts: BuildOptions = BuildOptions(),
