@@ -115,7 +115,8 @@ def test_oversized_tensor_gets_its_own_bucket():
         if sum(op.nbytes for op in bucket) > 100:
             assert len(bucket) == 1
     assert plan.buckets()[0][0].hf_name == "model.embed_tokens.weight"
-    assert len(plan.buckets()[0]) == 1 and plan.buckets()[1][0].hf_name.endswith("input_layernorm.weight")
+    assert len(plan.buckets()[0]) == 1
+    assert plan.buckets()[1][0].hf_name.endswith("input_layernorm.weight")
     assert plan.peak_bytes == 160  # the embedding (and lm_head) alone
 
 

@@ -30,7 +30,8 @@ def perturb(model, arch, seed: int = 7) -> None:
         if arch.tie_word_embeddings and name == "output_layer.weight":
             continue  # the last stage's copy of a tied embedding; the export skips it
         split = getattr(p, "tensor_model_parallel", False)
-        g = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()) + (tp_rank if split else 0))
+        offset = zlib.crc32(name.encode()) + (tp_rank if split else 0)
+        g = torch.Generator().manual_seed(seed + offset)
         p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 

@@ -108,10 +108,12 @@ class HFEngine:
         import transformers as tf
 
         greedy = temperature == 0.0
-        sampling = {} if greedy else {"temperature": float(temperature), "top_p": float(top_p)}
+        # top_k=0 turns off transformers' default top-k of 50 (sampling only: greedy rejects it).
+        sampling = {} if greedy else {"temperature": float(temperature), "top_p": float(top_p),
+                                      "top_k": 0}
         return tf.GenerationConfig(
             do_sample=not greedy, num_return_sequences=n, max_new_tokens=max_new_tokens,
-            min_new_tokens=0, top_k=0, repetition_penalty=1.0, num_beams=1,
+            min_new_tokens=0, repetition_penalty=1.0, num_beams=1,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
             output_logits=True, return_dict_in_generate=True, **sampling)
 
