@@ -1,9 +1,15 @@
-"""Gradients under TP=2 and PP=2 (and DP=2) equal single-rank gradients of the same loss on the
-same batch, compared as full HF-named tensors; the optimizer step agrees too."""
+"""Megatron DDP + optimizer through gad_megatron.models.optim, on CPU over gloo.
+
+The same loss on the same global batch must give the same gradients (as full HF-named
+tensors), the same pre-clip grad norms and the same Adam-updated weights at TP=2, PP=2 and
+DP=2 (and with the distributed optimizer) as on a single rank. The loss is the project's
+convention: each micro-batch returns its share of the global loss (token NLL summed, divided
+by the global token count), and the shares are summed.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 
 import pytest
 import torch
@@ -11,100 +17,238 @@ import torch
 from tests.dist_utils import run_parallel
 from tests.tiny_models import make_hf_model
 
-SEQS = ([[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3]], [[10, 11], [12, 13, 14], [15], [16, 17, 18]])
+T = 8
+# Right-padded rows of the global batch (0 = padding); lengths vary so padding is exercised.
+ROWS = ([5, 17, 3, 42, 8, 9, 11, 2], [7, 7, 31, 64, 0, 0, 0, 0],
+        [12, 99, 4, 1, 6, 0, 0, 0], [23, 88, 15, 0, 0, 0, 0, 0])
+CLIP = 0.05  # far below the tiny models' grad norms, so clipping is active
+STEPS = 3
+# Warmup then cosine decay: exercises the scheduler and gives lrs [0, LR, cosine value].
+OPTIM = dict(lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=CLIP, warmup_steps=1,
+             decay_steps=5, decay_style="cosine")
 
 
-def grads_rank(rank, model_dir, family_tied, lr):
+def _global_batch():
+    tokens = torch.tensor(ROWS)
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, row in enumerate(ROWS):
+        valid[i, : sum(1 for t in row if t)] = True
+    return tokens, valid
+
+
+def _normaliser() -> int:
+    _, valid = _global_batch()
+    return int(valid[:, 1:].sum())  # predicted tokens over the whole global batch
+
+
+def _my_micro_batches():
+    """This DP rank's rows (i % dp == dp_rank), one row per micro-batch."""
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.models.forward import MicroBatch
+
+    tokens, valid = _global_batch()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    return [MicroBatch(tokens[i:i + 1], valid[i:i + 1], {})
+            for i in range(len(ROWS)) if i % dp == dp_rank]
+
+
+def _nll_share(vocab: int, normaliser: int):
+    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+
+    def loss_fn(output, mb):
+        logp = vocab_parallel_logprobs(output[:, :-1], mb.tokens[:, 1:], vocab)
+        mask = mb.valid[:, 1:].to(logp.dtype)
+        share = -(logp * mask).sum() / normaliser
+        return share, int(mask.sum()), {"loss": share.detach()}
+
+    return loss_fn
+
+
+def _hf_named_grads(bare, arch) -> dict[str, torch.Tensor]:
+    """This stage's DDP main grads, TP shards merged, keyed by HF tensor name."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from gad_megatron.checkpoint import name_map as nm
-    from gad_megatron.config.schema import ActorConfig, ParallelConfig
-    from gad_megatron.models.optim import OptimConfig
-    from gad_megatron.workers.common import WeightsSource
-    from gad_megatron.workers.policy import ActorWorker
-    from gad_megatron.workers.sequences import Sequences
 
-    par = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
-                         ps.get_pipeline_model_parallel_world_size(),
-                         ps.get_data_parallel_world_size())
-    src = WeightsSource(str(model_dir), json.loads((model_dir / "config.json").read_text()))
-    cfg = ActorConfig(parallel=par, micro_batch_tokens=12,
-                      optim=OptimConfig(lr=lr, clip_grad=0.05))
-    worker = ActorWorker(cfg, src, pad_id=0)
-    seqs = Sequences(*SEQS)
-    dp, dp_rank = par.dp, ps.get_data_parallel_rank()
-    shard = seqs.take([i for i in range(len(seqs)) if i % dp == dp_rank])
-    worker.optimizer.step = lambda: (True, None, None)  # keep the grads; step below by hand
-    worker.sft_step(shard, seqs.response_tokens())
-    bare, arch = worker._bare(), worker.policy.arch
+    tp = ps.get_tensor_model_parallel_world_size()
     offset = bare.decoder.layers[0].layer_number - 1
-    grads = {}
+    out = {}
     for name, p in bare.named_parameters():
-        match = nm.match_megatron(name, arch, offset)
-        shards = [torch.empty_like(p.main_grad) for _ in range(par.tp)]
-        dist.all_gather(shards, p.main_grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+        match = nm.match_megatron(name, arch, offset, tied_output=arch.tie_word_embeddings
+                                  and name == "output_layer.weight")
+        shards = [torch.empty_like(p.main_grad) for _ in range(tp)]
+        dist.all_gather(shards, p.main_grad.contiguous(),
+                        group=ps.get_tensor_model_parallel_group())
         for hf_name, t in zip(match.hf_names(), nm.merge_shards(match.rule, arch, shards)):
-            grads[hf_name] = t.clone()
-    return grads
+            out[hf_name] = t.clone()
+    return out
 
 
-def _all_grads(results):
-    merged = {}
-    for r in results:
-        merged.update(r)
-    return merged
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_gradients_match_single_rank(tmp_path, family):
-    model_dir = make_hf_model(family, tmp_path / "m")
-    ref = _all_grads(run_parallel(grads_rank, args=(model_dir, family, 1e-3)))
-    assert any(g.abs().max() > 0 for g in ref.values())
-    for layout in ({"tp": 2}, {"pp": 2}, {"dp": 2}):
-        got = _all_grads(run_parallel(grads_rank, args=(model_dir, family, 1e-3), **layout))
-        assert sorted(got) == sorted(ref), layout
-        for name in ref:
-            diff = (got[name] - ref[name]).abs().max().item()
-            assert diff <= 1e-5, f"{layout} {name}: max |grad diff| = {diff:.2e}"
-
-
-def step_rank(rank, model_dir, distributed_optimizer):
+def train_rank(rank, model_dir, distributed_optimizer):
     from megatron.core import parallel_state as ps
 
-    from gad_megatron.checkpoint.hf_io import export_hf_tensors
-    from gad_megatron.config.schema import ActorConfig, ParallelConfig
+    from gad_megatron.checkpoint.hf_io import export_hf_tensors, load_hf_weights
+    from gad_megatron.models.builder import BuildOptions, build_gpt
+    from gad_megatron.models.hf_config import read_hf_config
+    from gad_megatron.models.optim import OptimConfig, train_step, wrap_for_training
+
+    arch = read_hf_config(model_dir)
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    model = build_gpt(arch, tp, pp, BuildOptions(init_weights=False))  # the loader's path
+    load_hf_weights(model, arch, model_dir)
+    ddp, opt, sched = wrap_for_training(
+        model, OptimConfig(**OPTIM, use_distributed_optimizer=distributed_optimizer))
+    grads = {}
+    real_step = opt.step
+
+    def step_keeping_grads():  # clipping scales grads in place: copy them first
+        if not grads and not distributed_optimizer:  # reduce-scattered buffers are partial
+            grads.update(_hf_named_grads(ddp.module, arch))
+        return real_step()
+
+    opt.step = step_keeping_grads
+    loss_fn = _nll_share(arch.vocab_size, _normaliser())
+    metrics = [train_step(ddp, opt, sched, _my_micro_batches(), loss_fn) for _ in range(STEPS)]
+    weights = {n: t.clone() for n, t in export_hf_tensors(ddp.module, arch)}
+    return {"grads": grads, "metrics": metrics, "weights": weights,
+            # Loss shares live on the last pipeline stage (once per TP group).
+            "loss_owner": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0}
+
+
+LAYOUTS = {"tp2": ({"tp": 2}, False), "pp2": ({"pp": 2}, False), "dp2": ({"dp": 2}, False),
+           "dp2-distopt": ({"dp": 2}, True), "single": ({}, False)}
+# qwen3: qk-norm, head_dim != hidden/heads, untied. llama-tied: tied embeddings, whose grad
+# is summed across the first and last pipeline stages, and llama3 rope scaling.
+FAMILIES = {"qwen3": ("qwen3", {}), "llama-tied": ("llama", {"tie_word_embeddings": True})}
+CASES = [("qwen3", "tp2"), ("qwen3", "pp2"), ("qwen3", "dp2"), ("qwen3", "dp2-distopt"),
+         ("llama-tied", "pp2"), ("llama-tied", "tp2")]
+
+
+class Runs:
+    """Runs each (family, layout) once per module and caches every rank's result."""
+
+    def __init__(self, base):
+        self.base = base
+        self.cache: dict = {}
+
+    def model_dir(self, family: str):
+        path = self.base / f"model-{family}"
+        if not path.exists():
+            hf_family, overrides = FAMILIES[family]
+            make_hf_model(hf_family, path, **overrides)
+        return path
+
+    def __call__(self, family: str, layout: str) -> list[dict]:
+        if (family, layout) not in self.cache:
+            sizes, dist_opt = LAYOUTS[layout]
+            self.cache[(family, layout)] = run_parallel(
+                train_rank, args=(self.model_dir(family), dist_opt), **sizes)
+        return self.cache[(family, layout)]
+
+    def initial(self, family: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.model_dir(family) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("train_parallel"))
+
+
+def _merged(results: list[dict], key: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for r in results:
+        out.update(r[key])
+    return out
+
+
+@pytest.mark.parametrize("family,layout", [c for c in CASES if "distopt" not in c[1]])
+def test_gradients_match_single_rank(runs, family, layout):
+    ref = _merged(runs(family, "single"), "grads")
+    got = _merged(runs(family, layout), "grads")
+    assert sorted(got) == sorted(ref)
+    assert all(g.abs().max() > 0 for g in ref.values())  # every weight gets a gradient
+    for name, r in ref.items():
+        diff = (got[name] - r).abs().max().item()
+        assert diff <= 1e-5, f"{family} {layout} {name}: max |grad diff| = {diff:.2e}"
+
+
+def _hf_grads(model_dir) -> dict[str, torch.Tensor]:
+    """The same loss on the whole batch, differentiated by transformers' own model."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokens, valid = _global_batch()
+    logits = model(input_ids=tokens, attention_mask=valid.long()).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    (-(logp * valid[:, 1:]).sum() / _normaliser()).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_rank_gradient_is_that_of_the_global_loss(runs, family):
+    """Absolute check of the loss convention: no extra /num_tokens or /num_microbatches."""
+    ref = _merged(runs(family, "single"), "grads")
+    hf = _hf_grads(runs.model_dir(family))
+    assert sorted(hf) == sorted(ref)
+    for name, g in hf.items():
+        diff = (ref[name] - g).abs().max().item()
+        assert diff <= 1e-5, f"{family} {name}: max |grad diff| vs transformers = {diff:.2e}"
+
+
+def _expected_lrs() -> list[float]:
+    lr, lo, warm, decay = OPTIM["lr"], OPTIM["min_lr"], OPTIM["warmup_steps"], OPTIM["decay_steps"]
+    out = []
+    for step in range(STEPS):
+        if step <= warm:
+            out.append(lr * step / warm)
+        else:
+            ratio = (step - warm) / (decay - warm)
+            out.append(lo + (lr - lo) * 0.5 * (math.cos(math.pi * ratio) + 1))
+    return out
+
+
+def test_single_rank_step_metrics(runs):
+    (ref,) = runs("qwen3", "single")
+    metrics = ref["metrics"]
+    assert metrics[0]["grad_norm"] > CLIP, "clipping must be active in these tests"
+    assert [m["lr"] for m in metrics] == pytest.approx(_expected_lrs(), rel=1e-9)
+    assert all(m["update_ok"] == 1.0 for m in metrics)
+    # The summed shares are the global mean token NLL: about log(vocab) for a random model.
+    assert 3.0 < metrics[0]["loss"] < 6.0
+    assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-6)  # lr 0
+
+
+@pytest.mark.parametrize("family,layout", CASES)
+def test_clipped_steps_match_single_rank(runs, family, layout):
+    (ref,) = runs(family, "single")
+    results = runs(family, layout)
+    owners = [r for r in results if r["loss_owner"]]
+    for step, want in enumerate(ref["metrics"]):  # DP ranks' shares sum to the global loss
+        got = sum(r["metrics"][step]["loss"] for r in owners)
+        assert got == pytest.approx(want["loss"], rel=1e-6)
+    for r in results:
+        for got, want in zip(r["metrics"], ref["metrics"]):  # grad norm: every rank
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+            assert got["lr"] == want["lr"]
+        moved = max((ref["weights"][n] - w).abs().max().item()
+                    for n, w in runs.initial(family).items())
+        assert moved > 1e-3, "the steps must change the weights"
+        for name, want in ref["weights"].items():
+            diff = (r["weights"][name] - want).abs().max().item()
+            assert diff <= 1e-5, f"{family} {layout} {name}: max |weight diff| = {diff:.2e}"
+
+
+def test_optim_config_validation():
     from gad_megatron.models.optim import OptimConfig
-    from gad_megatron.workers.common import WeightsSource
-    from gad_megatron.workers.policy import ActorWorker
-    from gad_megatron.workers.sequences import Sequences
 
-    par = ParallelConfig(ps.get_tensor_model_parallel_world_size(),
-                         ps.get_pipeline_model_parallel_world_size(),
-                         ps.get_data_parallel_world_size())
-    src = WeightsSource(str(model_dir), json.loads((model_dir / "config.json").read_text()))
-    cfg = ActorConfig(parallel=par, micro_batch_tokens=12, optim=OptimConfig(
-        lr=1e-2, clip_grad=0.05, use_distributed_optimizer=distributed_optimizer))
-    worker = ActorWorker(cfg, src, pad_id=0)
-    seqs = Sequences(*SEQS)
-    dp_rank = ps.get_data_parallel_rank()
-    shard = seqs.take([i for i in range(len(seqs)) if i % par.dp == dp_rank])
-    metrics = [worker.sft_step(shard, seqs.response_tokens()) for _ in range(2)]
-    weights = {n: t.clone() for n, t in export_hf_tensors(worker._bare(), worker.policy.arch)}
-    return metrics, weights
-
-
-def test_clipped_optimizer_steps_agree_across_layouts(tmp_path):
-    model_dir = make_hf_model("qwen3", tmp_path / "m")
-    ((ref_metrics, ref_weights),) = run_parallel(step_rank, args=(model_dir, False))
-    assert ref_metrics[0]["grad_norm"] > 0.05, "clipping must be active in this test"
-    layouts = [({"tp": 2}, False), ({"pp": 2}, False), ({"dp": 2}, False), ({"dp": 2}, True)]
-    for layout, dist_opt in layouts:
-        results = run_parallel(step_rank, args=(model_dir, dist_opt), **layout)
-        for metrics, weights in results:
-            if metrics[0]:  # output ranks carry the metrics
-                for got, ref in zip(metrics, ref_metrics):
-                    assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
-            for name, ref in ref_weights.items():
-                diff = (weights[name] - ref).abs().max().item()
-                assert diff <= 1e-5, f"{layout} dist_opt={dist_opt} {name}: {diff:.2e}"
+    assert OptimConfig(warmup_steps=2).lr_decay_steps(total_steps=1) == 3
+    assert OptimConfig(decay_steps=7).lr_decay_steps(total_steps=100) == 7
+    for bad in (dict(lr=0.0), dict(min_lr=1.0, lr=0.5), dict(clip_grad=-1.0),
+                dict(adam_beta2=1.0), dict(adam_eps=0.0), dict(decay_style="step"),
+                dict(warmup_steps=5, decay_steps=5), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError, match="optim"):
+            OptimConfig(**bad)

@@ -5,13 +5,17 @@ global-batch loss (it divides by a global normaliser counted over all micro-batc
 data-parallel ranks). The shares must therefore be *summed*, never averaged:
 
 - `config.calculate_per_token_loss = True` makes Megatron's schedule leave each micro-batch's
-  loss undivided and makes DDP reduce gradients across data-parallel ranks with a SUM
-  (gradient scaling factor 1);
-- the loss functions report `num_tokens = 0`, so `finalize_model_grads` does not divide the
-  gradients by a token count either (its division is skipped when the count is 0).
+  loss undivided (no `/ num_tokens`, no `/ num_microbatches`) and makes DDP reduce gradients
+  across data-parallel ranks with a SUM (gradient scaling factor 1, not 1/dp);
+- `train_step` hands Megatron `num_tokens = 0` for every micro-batch, so `finalize_model_grads`
+  skips its final division by the all-reduced token count (it divides only when the count > 0).
 
-The gradient is then exactly d(global-batch loss)/d(params); tests/test_train_parallel.py
-checks this against single-rank runs.
+Micro-batch gradients accumulate in DDP's fp32 grad buffers, DP ranks sum them, and the result
+is exactly d(global-batch loss)/d(params) -- the gradient a single rank would compute on the
+whole batch. tests/test_train_parallel.py checks this at TP=2, PP=2 and DP=2.
+
+On CPU (gloo) this runs Megatron's own DDP, optimizers (incl. the distributed optimizer) and
+grad clipping unmodified, through the redirects in `megatron_patches`.
 """
 
 from __future__ import annotations
@@ -31,40 +35,78 @@ class OptimConfig:
     lr: float = 1e-6
     """Peak learning rate (paper: 1e-6 for both models)."""
     min_lr: float = 0.0
-    """Floor of the decayed learning rate."""
+    """Floor of the decayed learning rate (unused with decay_style='constant')."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Decoupled (AdamW) weight decay; Megatron exempts biases and norm weights."""
     adam_beta1: float = 0.9
+    """Adam first-moment decay."""
     adam_beta2: float = 0.999
+    """Adam second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam denominator epsilon."""
     clip_grad: float = 0.2
-    """Global grad-norm clip (paper: 0.2); 0 disables clipping."""
+    """Clip the global grad norm (over all TP/PP/DP shards) to this value (paper: 0.2);
+    0 disables clipping."""
     warmup_steps: int = 0
-    """Linear LR warmup steps."""
+    """Linear warmup from lr 0 over this many steps (step 0 then runs at lr 0, as in Megatron
+    and HF schedulers)."""
+    decay_steps: int | None = None
+    """Steps over which lr decays from `lr` to `min_lr` (counted from step 0, warmup
+    included); None = the run's total steps as passed to wrap_for_training."""
     decay_style: str = "constant"
-    """LR after warmup: constant, linear or cosine decay to min_lr over the run."""
+    """LR after warmup: 'constant', or 'linear' / 'cosine' decay to min_lr."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state across data-parallel ranks (ZeRO-1, Megatron's distributed
-    optimizer)."""
+    """Shard the fp32 master weights and Adam state across data-parallel ranks (ZeRO-1,
+    Megatron's DistributedOptimizer): grads are reduce-scattered, each rank updates its
+    shard, and the new parameters are all-gathered. Works on CPU over gloo as well as on
+    GPUs; it gives the same updates as the replicated optimizer (tested at DP=2)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"optim: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, "
                              f"min_lr={self.min_lr}")
-        if self.clip_grad < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("clip_grad, weight_decay and warmup_steps must be >= 0")
+        for name in ("clip_grad", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim: {name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
-            raise ValueError("adam betas must be in [0, 1) and adam_eps > 0")
+            raise ValueError(f"optim: adam betas must be in [0, 1) and adam_eps > 0, got "
+                             f"{self.adam_beta1}, {self.adam_beta2}, {self.adam_eps}")
         if self.decay_style not in DECAY_STYLES:
-            raise ValueError(f"decay_style must be one of {list(DECAY_STYLES)}, "
+            raise ValueError(f"optim: decay_style must be one of {list(DECAY_STYLES)}, "
                              f"got {self.decay_style!r}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            # Megatron's scheduler asserts warmup < decay; say it in config terms instead.
+            raise ValueError(f"optim: decay_steps ({self.decay_steps}) must exceed "
+                             f"warmup_steps ({self.warmup_steps})")
+
+    def lr_decay_steps(self, total_steps: int) -> int:
+        """The decay horizon handed to Megatron's scheduler (always > warmup_steps)."""
+        steps = self.decay_steps if self.decay_steps is not None else total_steps
+        return max(steps, self.warmup_steps + 1)
+
+
+def _megatron_optimizer(ddp, cfg: OptimConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = ddp.config
+    return get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, params_dtype=config.params_dtype,
+        # bf16/fp16 weights get fp32 master copies inside the optimizer.
+        bf16=config.params_dtype == torch.bfloat16, fp16=config.params_dtype == torch.float16,
+        use_distributed_optimizer=cfg.use_distributed_optimizer), [ddp])
 
 
 def wrap_for_training(model, cfg: OptimConfig, total_steps: int = 1000):
-    """(DDP-wrapped model, Megatron optimizer, LR scheduler) for one model shard."""
+    """(DDP-wrapped model, Megatron optimizer, LR scheduler) for one model shard.
+
+    `model` is this rank's GPTModel (Megatron parallel state initialised); `total_steps` is
+    the decay horizon when `cfg.decay_steps` is None. Sets the hooks Megatron's schedules
+    read from the model config, as Megatron's own training loop does.
+    """
     from megatron.core.distributed import (
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads)
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = model.config
@@ -74,18 +116,16 @@ def wrap_for_training(model, cfg: OptimConfig, total_steps: int = 1000):
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.use_distributed_optimizer),
         module=model)
-    bf16 = config.params_dtype == torch.bfloat16
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad, bf16=bf16, params_dtype=config.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer), [ddp])
+    optimizer = _megatron_optimizer(ddp, cfg)
+    # Grads reduce once per step in finalize_model_grads; no_sync keeps it that way should
+    # overlap_grad_reduce ever be turned on.
+    config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    decay_steps = max(total_steps, cfg.warmup_steps + 1)
+    config.grad_scale_func = optimizer.scale_loss  # 1 in fp32/bf16; the loss scale in fp16
+    decay_steps = cfg.lr_decay_steps(total_steps)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=decay_steps,
+        optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr,
+        min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=decay_steps,
         lr_decay_style=cfg.decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=decay_steps, wd_incr_style="constant")
     return ddp, optimizer, scheduler
@@ -102,9 +142,12 @@ def _sum_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
 def train_step(ddp, optimizer, scheduler, micro_batches, loss_fn: Callable) -> dict[str, float]:
     """Forward+backward over `micro_batches` (1F1B under PP), then one optimizer step.
 
-    `loss_fn(output, mb) -> (loss share, num_tokens, metrics)`; the returned num_tokens is
-    replaced by 0 (see the module docstring). Returns summed metric shares (on the last
-    pipeline stage; empty elsewhere), plus the pre-clip `grad_norm` and the `lr` used.
+    `loss_fn(output, mb) -> (loss share, num_tokens, metrics)`: the loss share is this
+    micro-batch's part of the global-batch loss (already divided by the global normaliser);
+    the returned num_tokens is replaced by 0 (see the module docstring). Metric values are
+    summed over micro-batches, so they too should be shares. Returns those sums (on the last
+    pipeline stage; empty elsewhere) plus `grad_norm` (global, before clipping), the `lr`
+    this step used, and `update_ok` (0 when fp16 loss scaling found inf/nan and skipped).
     """
     from gad_megatron.models.forward import run_schedule
 
@@ -116,9 +159,13 @@ def train_step(ddp, optimizer, scheduler, micro_batches, loss_fn: Callable) -> d
     optimizer.zero_grad()
     per_mb = run_schedule(ddp, micro_batches, share_only, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
-    update_ok, grad_norm, num_zeros = optimizer.step()
-    scheduler.step(increment=1)
+    update_ok, grad_norm, _ = optimizer.step()
+    if grad_norm is None and update_ok:
+        # clip_grad == 0 skips the norm inside step(); grads are untouched, so measure here.
+        grad_norm = optimizer.get_grad_norm()
+    if update_ok:  # as Megatron's loop: a skipped (overflowed) step does not advance the lr
+        scheduler.step(increment=1)
     metrics = _sum_metrics(per_mb)
-    metrics.update(grad_norm=float(grad_norm if grad_norm is not None else 0.0), lr=float(lr),
-                   update_ok=float(bool(update_ok)))
+    metrics.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
+                   lr=float(lr), update_ok=float(bool(update_ok)))
     return metrics
