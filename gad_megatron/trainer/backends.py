@@ -20,6 +20,7 @@ class Roles:
     disc: Role | None
     ref: Role | None
     shutdown: Callable[[], None]
+    monitor: Role | None = None
 
 
 class LocalRollout:
@@ -61,8 +62,13 @@ def start_inline(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
     if inputs.reference is not None:
         ref = Role("reference", InlineGroup(ReferenceWorker, cfg.reference, inputs.reference,
                                             inputs.pad_id, seed), cfg.reference.parallel)
+    monitor = None
+    if inputs.monitor is not None:
+        monitor = Role("monitor", InlineGroup(
+            DiscriminatorWorker, cfg.discriminator, inputs.monitor, inputs.pad_id,
+            inputs.eos_id, seed, total_steps), cfg.discriminator.parallel)
     rollout = LocalRollout(_make_engine(cfg, inputs), cfg.rollout.bucket_mb << 20)
-    return Roles(actor, rollout, disc, ref, lambda: None)
+    return Roles(actor, rollout, disc, ref, lambda: None, monitor)
 
 
 def start_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int, backend: str) -> Roles:

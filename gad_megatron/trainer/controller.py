@@ -43,7 +43,7 @@ def train(cfg: GADConfig, backend: str = "ray",
     total = cfg.train.steps or cfg.train.epochs * loader.batches_per_epoch
     roles = start_roles(cfg, inputs, total, backend)
     ctx = StepContext(cfg, roles.actor, roles.rollout, roles.disc, roles.ref,
-                      inputs.pad_id, inputs.eos_id)
+                      roles.monitor, inputs.pad_id, inputs.eos_id)
     step_fn = STEPS[cfg.train.stage.value]
     history: list[dict] = []
     try:

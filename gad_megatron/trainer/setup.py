@@ -60,6 +60,8 @@ class RunInputs:
     actor: WeightsSource
     discriminator: WeightsSource | None
     reference: WeightsSource | None
+    monitor: WeightsSource | None = None
+    """gad with train.frozen_d_monitor: the starting discriminator, never updated."""
 
 
 def latest_checkpoint(run_or_ckpt: str) -> Path:
@@ -101,7 +103,8 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
         hf_dir=str(hf_dir), arch_config=arch_config, tokenizer=tokenizer,
         pad_id=pad_id(tokenizer), eos_id=eos_id(tokenizer, cfg.data.eos_token), actor=actor,
         discriminator=None if cfg.train.stage == Stage.SEQKD else disc,
-        reference=actor if cfg.train.stage == Stage.GAD else None)
+        reference=actor if cfg.train.stage == Stage.GAD else None,
+        monitor=disc if cfg.train.stage == Stage.GAD and cfg.train.frozen_d_monitor else None)
 
 
 def build_loader(cfg: GADConfig, tokenizer):

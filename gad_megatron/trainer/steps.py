@@ -28,6 +28,8 @@ class StepContext:
     rollout: Any
     disc: Any = None
     ref: Any = None
+    monitor: Any = None
+    """A frozen discriminator used for measurement only (train.frozen_d_monitor)."""
     pad_id: int = 0
     eos_id: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -157,6 +159,10 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
                             cfg.rollout.temperature)
     metrics.update({f"g/{k}": v for k, v in g.items()})
     metrics["g/reward_mean"] = float(rewards.mean())
+    if ctx.monitor is not None:
+        with ctx.phase("monitor"):
+            frozen = np.asarray(ctx.monitor.map_sequences("scores", samples), dtype=np.float64)
+        metrics["g/frozen_d_reward"] = float(frozen.mean())
     metrics["g/engine_logprob_max_diff"] = _max_diff(samples.fields["engine_logprobs"], old)
     metrics["g/ref_logprob_max_diff"] = _max_diff(ref, old)
     sync_rollout(ctx)
