@@ -86,7 +86,7 @@ def _hf_named_grads(bare, arch) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_rank(rank, model_dir, distributed_optimizer):
+def train_rank(rank, model_dir, distributed_optimizer, bf16_no_clip=False):
     from megatron.core import parallel_state as ps
 
     from gad_megatron.checkpoint.hf_io import export_hf_tensors, load_hf_weights
@@ -96,10 +96,12 @@ def train_rank(rank, model_dir, distributed_optimizer):
 
     arch = read_hf_config(model_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    model = build_gpt(arch, tp, pp, BuildOptions(init_weights=False))  # the loader's path
+    dtype = torch.bfloat16 if bf16_no_clip else torch.float32
+    model = build_gpt(arch, tp, pp, BuildOptions(dtype=dtype, init_weights=False))
     load_hf_weights(model, arch, model_dir)
+    optim = dict(OPTIM, clip_grad=0.0) if bf16_no_clip else OPTIM
     ddp, opt, sched = wrap_for_training(
-        model, OptimConfig(**OPTIM, use_distributed_optimizer=distributed_optimizer))
+        model, OptimConfig(**optim, use_distributed_optimizer=distributed_optimizer))
     grads = {}
     real_step = opt.step
 
@@ -111,14 +113,16 @@ def train_rank(rank, model_dir, distributed_optimizer):
     opt.step = step_keeping_grads
     loss_fn = _nll_share(arch.vocab_size, _normaliser())
     metrics = [train_step(ddp, opt, sched, _my_micro_batches(), loss_fn) for _ in range(STEPS)]
-    weights = {n: t.clone() for n, t in export_hf_tensors(ddp.module, arch)}
+    weights = {n: t.float() for n, t in export_hf_tensors(ddp.module, arch)}
     return {"grads": grads, "metrics": metrics, "weights": weights,
             # Loss shares live on the last pipeline stage (once per TP group).
             "loss_owner": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0}
 
 
 LAYOUTS = {"tp2": ({"tp": 2}, False), "pp2": ({"pp": 2}, False), "dp2": ({"dp": 2}, False),
-           "dp2-distopt": ({"dp": 2}, True), "single": ({}, False)}
+           "dp2-distopt": ({"dp": 2}, True), "single": ({}, False),
+           # bf16 weights: Megatron's fp16/bf16 optimizer with fp32 master copies (sharded).
+           "dp2-distopt-bf16-noclip": ({"dp": 2}, True, True)}
 # qwen3: qk-norm, head_dim != hidden/heads, untied. llama-tied: tied embeddings, whose grad
 # is summed across the first and last pipeline stages, and llama3 rope scaling.
 FAMILIES = {"qwen3": ("qwen3", {}), "llama-tied": ("llama", {"tie_word_embeddings": True})}
@@ -142,9 +146,9 @@ class Runs:
 
     def __call__(self, family: str, layout: str) -> list[dict]:
         if (family, layout) not in self.cache:
-            sizes, dist_opt = LAYOUTS[layout]
+            sizes, *flags = LAYOUTS[layout]
             self.cache[(family, layout)] = run_parallel(
-                train_rank, args=(self.model_dir(family), dist_opt), **sizes)
+                train_rank, args=(self.model_dir(family), *flags), **sizes)
         return self.cache[(family, layout)]
 
     def initial(self, family: str) -> dict[str, torch.Tensor]:
@@ -240,6 +244,21 @@ def test_clipped_steps_match_single_rank(runs, family, layout):
         for name, want in ref["weights"].items():
             diff = (r["weights"][name] - want).abs().max().item()
             assert diff <= 1e-5, f"{family} {layout} {name}: max |weight diff| = {diff:.2e}"
+
+
+def test_bf16_distributed_optimizer_without_clipping(runs):
+    """bf16 weights + sharded fp32 master state at DP=2, clip_grad=0: train_step still reports
+    the global grad norm (measured after the step, since Megatron skips it without clipping)
+    and the lr schedule, and the updates land in the bf16 weights."""
+    (ref,) = runs("qwen3", "single")
+    initial = runs.initial("qwen3")
+    for r in runs("qwen3", "dp2-distopt-bf16-noclip"):
+        for step, (got, want) in enumerate(zip(r["metrics"], ref["metrics"])):
+            assert got["update_ok"] == 1.0 and got["lr"] == want["lr"]
+            if step < 2:  # same weights as the clipped fp32 run until step 1's update
+                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=5e-3)
+        moved = max((r["weights"][n] - w).abs().max().item() for n, w in initial.items())
+        assert moved > 1e-2, "unclipped Adam steps at lr 1e-2 must move the weights"
 
 
 def test_optim_config_validation():
