@@ -15,12 +15,14 @@ TINY_DIR = "init_model"
 
 def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_id: int) -> dict:
     """A small Qwen3-shaped student for the embedded default (GQA, q/k norm, RoPE)."""
-    heads = max(2, hidden // 32)
+    # 4 query heads over 2 KV groups (GQA), so TP=2 splits it; head_dim 16 as in Qwen3's
+    # 128-of-hidden/heads style, independent of hidden/heads.
+    heads = 4
     return {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": hidden * 3,
         "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2), "head_dim": 32, "hidden_act": "silu",
+        "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
         "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
         "eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": None,
