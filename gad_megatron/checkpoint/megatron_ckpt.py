@@ -103,3 +103,70 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
 
 def dtype_of(meta: dict) -> torch.dtype:
     return getattr(torch, meta.get("dtype", "float32"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: model + optimizer + LR scheduler + RNG, for exact resume
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_MARKER = "training_state.json"
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_training_state(model, optimizer, scheduler, arch: HFArch, out_dir: str | Path,
+                        tp: int, pp: int, tokenizer_src: str | Path | None = None) -> Path:
+    """Collective: a model checkpoint (loadable alone, e.g. by `convert` or `init_from`) plus
+    the optimizer state (its own dist checkpoint, reshardable across DP), the scheduler and
+    every rank's RNG state. The training marker is written last, after every part exists."""
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir)
+    save_model_checkpoint(model, arch, out, tp, pp, tokenizer_src)
+    optim_dir = out / "optim.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(optim_dir, ignore_errors=True)
+        optim_dir.mkdir()
+    dist.barrier()
+    model_sd = model.sharded_state_dict()
+    dist_checkpointing.save({"optimizer": optimizer.sharded_state_dict(model_sd)}, str(optim_dir))
+    torch.save(_rng_state(), out / f"rng_rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.replace(optim_dir, out / "optim")
+        (out / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (out / TRAIN_MARKER).write_text(json.dumps({"format": FORMAT, "world": dist.get_world_size()}))
+    dist.barrier()
+    return out
+
+
+def has_training_state(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / TRAIN_MARKER).is_file()
+
+
+def load_training_state(model, optimizer, scheduler, ckpt_dir: str | Path) -> None:
+    """Collective: restore what save_training_state wrote (model at any layout; RNG only when
+    the world size is unchanged)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt_dir)
+    if not has_training_state(ckpt):
+        raise CheckpointError(f"{ckpt}: no complete training state ({TRAIN_MARKER} missing)")
+    load_model_checkpoint(model, ckpt)
+    model_sd = model.sharded_state_dict()
+    optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    state = dist_checkpointing.load(optim_sd, str(ckpt / "optim"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+    meta = json.loads((ckpt / TRAIN_MARKER).read_text())
+    rng_file = ckpt / f"rng_rank{dist.get_rank():05d}.pt"
+    if meta.get("world") == dist.get_world_size() and rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])

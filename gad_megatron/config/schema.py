@@ -194,6 +194,8 @@ class TrainConfig:
     """Checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 3
     """Checkpoints kept."""
+    resume: bool = True
+    """Continue from the run directory's latest complete checkpoint when there is one."""
     frozen_d_monitor: bool = False
     """gad: also score each step's samples with a frozen copy of the starting discriminator
     (for measurement only: a reward that rises under a fixed D means G is learning)."""

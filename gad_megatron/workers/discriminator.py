@@ -99,12 +99,22 @@ class DiscriminatorWorker:
                              self._batches(seqs, keep_groups=True), loss_fn)
         return metrics if common.is_output_rank() else {}
 
+    def _bare(self):
+        return self.model.module if hasattr(self.model, "module") else self.model
+
     def save(self, out_dir: str) -> None:
-        from gad_megatron.checkpoint.megatron_ckpt import save_model_checkpoint
+        """Model, optimizer, scheduler and RNG (collective over this role)."""
+        from gad_megatron.checkpoint.megatron_ckpt import save_training_state
 
         p = self.cfg.parallel
-        bare = self.model.module if hasattr(self.model, "module") else self.model
-        save_model_checkpoint(bare, self.arch, out_dir, p.tp, p.pp)
+        save_training_state(self._bare(), self.optimizer, self.scheduler, self.arch, out_dir,
+                            p.tp, p.pp)
+
+    def load(self, ckpt_dir: str) -> None:
+        """Resume: restore what `save` wrote (collective)."""
+        from gad_megatron.checkpoint.megatron_ckpt import load_training_state
+
+        load_training_state(self._bare(), self.optimizer, self.scheduler, ckpt_dir)
 
 
 def _row_scores(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:

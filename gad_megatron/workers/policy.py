@@ -155,10 +155,18 @@ class ActorWorker:
                     out_dir, tokenizer_src=tokenizer_src, write=dist.get_rank() == 0)
 
     def save(self, out_dir: str, tokenizer_src: str | None = None) -> None:
-        from gad_megatron.checkpoint.megatron_ckpt import save_model_checkpoint
+        """Model, optimizer, scheduler and RNG (collective over this role)."""
+        from gad_megatron.checkpoint.megatron_ckpt import save_training_state
 
         p = self.cfg.parallel
-        save_model_checkpoint(self._bare(), self.policy.arch, out_dir, p.tp, p.pp, tokenizer_src)
+        save_training_state(self._bare(), self.optimizer, self.scheduler, self.policy.arch,
+                            out_dir, p.tp, p.pp, tokenizer_src)
+
+    def load(self, ckpt_dir: str) -> None:
+        """Resume: restore what `save` wrote (collective)."""
+        from gad_megatron.checkpoint.megatron_ckpt import load_training_state
+
+        load_training_state(self._bare(), self.optimizer, self.scheduler, ckpt_dir)
 
     def weight_norm(self) -> float:
         """Sum of squared weights of this shard (tests check that an update happened)."""
