@@ -1,12 +1,26 @@
 # One target per stage; every target sets the environment up first if needed.
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.setup-stamp
+#   make warmup [CONFIG=configs/x.yaml] [key=value ...]      e.g. make warmup train.steps=20
+#   make gad    [train.init_from=DIR]   (default: the warmup run of the same RUN_ROOT)
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip
+STAMP    := $(VENV)/.setup-stamp
+CONFIG   ?= configs/default.yaml
+RUN_ROOT ?= runs/default
+BACKEND  ?= ray
 PYTEST_ARGS ?=
+# Command-line `key=value` words that are config overrides (not this Makefile's variables).
+OVERRIDES := $(filter-out CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=%,$(MAKEOVERRIDES))
+# Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
+LAUNCH   ?=
+GAD      := $(LAUNCH) $(PY) -m gad_megatron
+# The one command every stage target runs.
+stage_cmd = $(GAD) train $(CONFIG) --backend $(BACKEND) train.stage=$(1) run.out_dir=$(RUN_ROOT)/$(1) $(2) $(OVERRIDES)
+# The embedded default's data (configs/default.yaml reads it from here).
+TASK_DIR := runs/default/task
 
-.PHONY: setup test test-gpu bench clean
+.PHONY: setup test test-gpu bench task warmup gad seqkd eval export demo clean
 
 setup: $(STAMP)
 
@@ -27,6 +41,22 @@ test: setup
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+task: setup
+	@if [ "$(CONFIG)" = configs/default.yaml ] && [ ! -f $(TASK_DIR)/train.jsonl ]; then \
+	  $(GAD) data make-task --out $(TASK_DIR); fi
+
+warmup: setup task
+	$(call stage_cmd,warmup,)
+
+gad: setup task
+	$(call stage_cmd,gad,$(if $(filter train.init_from=%,$(OVERRIDES)),,train.init_from=$(RUN_ROOT)/warmup))
+
+seqkd: setup task
+	$(call stage_cmd,seqkd,)
+
+export: setup
+	$(GAD) export --run $(RUN_ROOT)/$(or $(STAGE),gad)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

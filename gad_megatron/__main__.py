@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order here is the order in `--help`.
-COMMANDS = ("convert", "data", "train")
+COMMANDS = ("convert", "data", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
