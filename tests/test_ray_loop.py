@@ -67,3 +67,11 @@ def test_a_killed_worker_is_reported_by_role_and_rank(tmp_path):
         assert time.monotonic() - start < 60
     finally:
         roles.shutdown()
+
+
+def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_worker(tmp_path):
+    from gad_megatron.cluster.placement import PlacementError
+
+    cfg = ray_cfg(tmp_path, "warmup", "run.num_cpus=2", "actor.parallel.tp=2")
+    with pytest.raises(PlacementError, match="discriminator: needs 1 devices"):
+        start_ray_roles(cfg, resolve_inputs(cfg), total_steps=1)

@@ -83,11 +83,43 @@ class RayRollout:
         ray.kill(self.handle)
 
 
+def role_specs(cfg: GADConfig, inputs: RunInputs) -> list:
+    """The placement demand of this run's roles (only the roles the stage builds)."""
+    from gad_megatron.cluster.placement import RoleSpec
+
+    specs = [RoleSpec("actor", cfg.actor.parallel.world_size, cfg.actor.parallel.tp)]
+    if inputs.discriminator is not None:
+        par = cfg.discriminator.parallel
+        specs.append(RoleSpec("discriminator", par.world_size, par.tp))
+    if inputs.reference is not None:
+        par = cfg.reference.parallel
+        specs.append(RoleSpec("reference", par.world_size, par.tp))
+    specs.append(RoleSpec("rollout", cfg.rollout.tp, cfg.rollout.tp))
+    return specs
+
+
+def check_placement(cfg: GADConfig, inputs: RunInputs):
+    """Refuse, before any worker starts, a layout the Ray cluster cannot hold."""
+    import ray
+
+    from gad_megatron.cluster.placement import NodeSpec, plan_placement
+
+    key = "GPU" if cfg.run.use_gpus else "CPU"
+    nodes = [NodeSpec(n["NodeManagerAddress"], int(n["Resources"].get(key, 0)))
+             for n in ray.nodes() if n.get("Alive") and n["Resources"].get(key, 0) >= 1]
+    return plan_placement(role_specs(cfg, inputs), nodes, colocate=cfg.run.colocate)
+
+
 def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
     from gad_megatron.cluster.group import RayWorkerGroup
     from gad_megatron.cluster.runtime import start_ray, stop_ray
 
     start_ray(cfg.run)
+    try:
+        check_placement(cfg, inputs)
+    except BaseException:
+        stop_ray()
+        raise
     seed, timeout, groups = cfg.train.seed, cfg.run.worker_timeout_s, []
 
     def group(role, cls, par, args):
