@@ -1,6 +1,7 @@
 # One target per stage; every target sets the environment up first if needed.
 #   make warmup [CONFIG=configs/x.yaml] [key=value ...]      e.g. make warmup train.steps=20
 #   make gad    [train.init_from=DIR]   (default: the warmup run of the same RUN_ROOT)
+#   make export [STAGE=warmup|gad|seqkd] [DISCRIMINATOR=1]
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -11,7 +12,7 @@ RUN_ROOT ?= runs/default
 BACKEND  ?= ray
 PYTEST_ARGS ?=
 # Command-line `key=value` words that are config overrides (not this Makefile's variables).
-OVERRIDES := $(filter-out CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=%,$(MAKEOVERRIDES))
 # Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
 LAUNCH   ?=
 GAD      := $(LAUNCH) $(PY) -m gad_megatron
@@ -56,7 +57,7 @@ seqkd: setup task
 	$(call stage_cmd,seqkd,)
 
 export: setup
-	$(GAD) export --run $(RUN_ROOT)/$(or $(STAGE),gad)
+	$(GAD) export --run $(RUN_ROOT)/$(or $(STAGE),gad) $(if $(DISCRIMINATOR),--discriminator)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

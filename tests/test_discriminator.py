@@ -34,7 +34,6 @@ def build(model_dir, head_seed=None):
         g = torch.Generator().manual_seed(head_seed)
         with torch.no_grad():
             model.output_layer.weight.copy_(torch.randn(1, 32, generator=g) * 0.1)
-            model.output_layer.bias.fill_(0.05)
     return arch, model
 
 

@@ -95,3 +95,44 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: i
     read_checkpoint_meta(ckpt_dir)
     run_ranks(megatron_to_hf_rank, tp * pp, (str(ckpt_dir), str(out_dir), tp, pp))
     return Path(out_dir)
+
+
+def discriminator_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str,
+                             pad_id: int) -> str:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from gad_megatron.checkpoint.hf_io import save_hf_dir
+    from gad_megatron.checkpoint.megatron_ckpt import (
+        dtype_of, load_model_checkpoint, read_checkpoint_meta)
+    from gad_megatron.models.builder import BuildOptions
+    from gad_megatron.models.discriminator import (
+        build_discriminator, export_discriminator_tensors, sequence_classification_config)
+    from gad_megatron.parallel.dist import ParallelLayout, init_distributed, shutdown
+
+    meta, arch = read_checkpoint_meta(ckpt_dir)
+    init_distributed(ParallelLayout())
+    try:
+        model = build_discriminator(arch, 1, 1, BuildOptions(dtype=dtype_of(meta),
+                                                             init_weights=False))
+        load_model_checkpoint(model, ckpt_dir)
+        out_arch = dataclasses.replace(arch, raw=sequence_classification_config(arch, pad_id))
+        save_hf_dir(export_discriminator_tensors(model, arch), out_arch, out_dir,
+                    tokenizer_src=ckpt_dir, write=dist.get_rank() == 0)
+    finally:
+        shutdown()
+    return out_dir
+
+
+def discriminator_to_hf(ckpt_dir: str | Path, out_dir: str | Path, pad_id: int) -> Path:
+    """Export a discriminator checkpoint as HF `*ForSequenceClassification` (num_labels=1).
+
+    HF scores the last token that is not `pad_id`; our discriminator scores the last valid
+    token, so the two agree when the pad id is not also the EOS id (the built-in tokenizer
+    keeps them apart)."""
+    from gad_megatron.checkpoint.megatron_ckpt import read_checkpoint_meta
+
+    read_checkpoint_meta(ckpt_dir)
+    run_ranks(discriminator_to_hf_rank, 1, (str(ckpt_dir), str(out_dir), pad_id))
+    return Path(out_dir)

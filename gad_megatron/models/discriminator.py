@@ -21,17 +21,18 @@ HEAD_PREFIX = "output_layer."
 class ScalarHead(torch.nn.Module):
     """hidden [T, B, H] -> score [T, B, 1]; replicated on every TP rank (it is tiny).
 
-    Called exactly like the ColumnParallelLinear it replaces, and returns (output, bias).
+    Called exactly like the ColumnParallelLinear it replaces, and returns (output, None).
+    No bias: the Bradley-Terry loss only sees score differences, so a bias would never
+    train; without it the head is exactly HF's `*ForSequenceClassification` `score` layer.
     """
 
     def __init__(self, config, init_std: float):
         super().__init__()
         self.sequence_parallel = bool(config.sequence_parallel)
-        # Named weight/bias directly (not a nested Linear): Megatron's language-model
+        # Named `weight` directly (not a nested Linear): Megatron's language-model
         # checkpoint code looks for `output_layer.weight` on the last stage.
         self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size,
                                                      dtype=config.params_dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
         # A fresh, small head: initial scores are near 0 for every sequence, so the first
         # Bradley-Terry steps see an unsaturated sigmoid.
         with torch.no_grad():
@@ -43,7 +44,7 @@ class ScalarHead(torch.nn.Module):
                 gather_from_sequence_parallel_region)
 
             hidden_states = gather_from_sequence_parallel_region(hidden_states)
-        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
+        return torch.nn.functional.linear(hidden_states, self.weight), None
 
 
 def build_discriminator(arch: HFArch, tp: int, pp: int, opts: BuildOptions = BuildOptions(),
@@ -104,3 +105,31 @@ def last_valid_scores(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     if bool((lengths == 0).any()):
         raise ValueError("a row has no valid token to score")
     return per_token.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1).float()
+
+
+@torch.no_grad()
+def export_discriminator_tensors(model, arch: HFArch):
+    """(hf_name, tensor) of the discriminator as HF `*ForSequenceClassification` (num_labels
+    1): the backbone under the usual names plus `score.weight`. Collective, like the student's
+    export; every rank receives the same sequence."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from gad_megatron.checkpoint.hf_io import export_hf_tensors
+
+    yield from export_hf_tensors(model, arch, skip=(HEAD_PREFIX,))
+    head = model.output_layer.weight.detach().clone() if model.post_process else \
+        torch.empty(1, arch.hidden_size, dtype=next(model.parameters()).dtype,
+                    device=next(model.parameters()).device)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+        dist.broadcast(head, src=ranks[-1], group=ps.get_pipeline_model_parallel_group())
+    yield "score.weight", head
+
+
+def sequence_classification_config(arch: HFArch, pad_id: int) -> dict:
+    """The HF config of the exported discriminator."""
+    cfg = dict(arch.raw)
+    cfg["architectures"] = [arch.architecture.replace("ForCausalLM", "ForSequenceClassification")]
+    cfg.update(num_labels=1, id2label={"0": "score"}, label2id={"score": 0}, pad_token_id=pad_id)
+    return cfg
