@@ -8,16 +8,18 @@ PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip
 STAMP    := $(VENV)/.setup-stamp
 CONFIG   ?= configs/default.yaml
+# The gad stage of the embedded default has its own learning rates (see the file).
+GAD_CONFIG ?= $(if $(filter configs/default.yaml,$(CONFIG)),configs/default_gad.yaml,$(CONFIG))
 RUN_ROOT ?= runs/default
 BACKEND  ?= ray
 PYTEST_ARGS ?=
 # Command-line `key=value` words that are config overrides (not this Makefile's variables).
-OVERRIDES := $(filter-out CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=%,$(MAKEOVERRIDES))
 # Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
 LAUNCH   ?=
 GAD      := $(LAUNCH) $(PY) -m gad_megatron
 # The one command every stage target runs.
-stage_cmd = $(GAD) train $(CONFIG) --backend $(BACKEND) train.stage=$(1) run.out_dir=$(RUN_ROOT)/$(1) $(2) $(OVERRIDES)
+stage_cmd = $(GAD) train $(or $(3),$(CONFIG)) --backend $(BACKEND) train.stage=$(1) run.out_dir=$(RUN_ROOT)/$(1) $(2) $(OVERRIDES)
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
@@ -51,7 +53,7 @@ warmup: setup task
 	$(call stage_cmd,warmup,)
 
 gad: setup task
-	$(call stage_cmd,gad,$(if $(filter train.init_from=%,$(OVERRIDES)),,train.init_from=$(RUN_ROOT)/warmup))
+	$(call stage_cmd,gad,$(if $(filter train.init_from=%,$(OVERRIDES)),,train.init_from=$(RUN_ROOT)/warmup),$(GAD_CONFIG))
 
 seqkd: setup task
 	$(call stage_cmd,seqkd,)

@@ -114,11 +114,19 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
     from gad_megatron.cluster.group import RayWorkerGroup
     from gad_megatron.cluster.runtime import start_ray, stop_ray
 
+    import ray
+
+    owns_ray = not ray.is_initialized()  # a caller that started Ray (the demo) keeps it
     start_ray(cfg.run)
+
+    def stop_if_owned() -> None:
+        if owns_ray:
+            stop_ray()
+
     try:
         check_placement(cfg, inputs)
     except BaseException:
-        stop_ray()
+        stop_if_owned()
         raise
     seed, timeout, groups = cfg.train.seed, cfg.run.worker_timeout_s, []
 
@@ -143,13 +151,13 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
     except BaseException:
         for g in groups:
             g.shutdown()
-        stop_ray()
+        stop_if_owned()
         raise
 
     def shutdown() -> None:
         rollout.shutdown()
         for g in groups:
             g.shutdown()
-        stop_ray()
+        stop_if_owned()
 
     return Roles(actor, rollout, disc, ref, shutdown)
