@@ -169,6 +169,8 @@ def evaluate(student_hf_dir, test_files: Sequence[str], data_cfg, tokenizer,
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for every row), got {limit}")
     eos = eos_id(tokenizer, data_cfg.eos_token)
     examples = load_examples(test_files, data_cfg, tokenizer, limit)
     if engine is None:
