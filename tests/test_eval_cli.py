@@ -72,3 +72,25 @@ def test_eval_run_exports_and_uses_its_discriminator(tmp_path, capsys):
     assert d["n"] == 4 and 0.0 <= d["win_rate"] <= 1.0
     assert all(isinstance(r["d_student"], float) for r in report["rows"])
     assert "D win-rate" in capsys.readouterr().out
+
+
+def test_eval_with_judge(tmp_path, capsys):
+    from tests.test_judge import FakeServer
+
+    _, test = write_task(tmp_path / "task", n_train=4, n_test=3)
+    student = make_student(tmp_path / "student", build_builtin_tokenizer())
+    server = FakeServer()
+    try:
+        rc = cli.main(["eval", "--student", str(student), "--test", str(test), "--task", "none",
+                       "--max-new-tokens", "4", "--out", str(tmp_path / "r"),
+                       "--judge-url", server.url, "--judge-model", "judge-model"])
+    finally:
+        server.close()
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "eval_report.json").read_text())
+    judge = report["metrics"]["judge"]
+    # The fake judge rates anything but "good" 2 against its reference's 8: 2 / (2 + 8).
+    assert judge["n"] == 3 and judge["student_score"] == pytest.approx(0.2)
+    assert "task" not in report["metrics"] and len(server.requests) == 9
+    assert report["rows"][0]["judge"]["reference"] == "The answer is 42."
+    assert "judge score student" in capsys.readouterr().out

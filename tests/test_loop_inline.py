@@ -8,23 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from gad_megatron.config import load_config
-from gad_megatron.data.task import write_task
 from gad_megatron.trainer import steps as steps_mod
 from gad_megatron.trainer.backends import start_inline
 from gad_megatron.trainer.controller import train
 from gad_megatron.trainer.setup import build_loader, resolve_inputs
+from tests.tiny_models import small_run
 
 
 def tiny_cfg(tmp_path, stage="warmup", *extra):
-    task = tmp_path / "task"
-    if not (task / "train.jsonl").exists():
-        write_task(task, n_train=64, n_test=8, seed=0)
-    return load_config("configs/default.yaml", [
-        f"run.out_dir={tmp_path / stage}", f"train.stage={stage}", "train.steps=3",
-        "train.prompts_per_step=4", "train.d_only_steps=1", "train.save_every=0",
-        f"data.train_files={task / 'train.jsonl'}", f"data.eval_files={task / 'test.jsonl'}",
-        "rollout.n=2", "rollout.max_new_tokens=12", "model.tiny_hidden=32", *extra])
+    return small_run(tmp_path, stage, stage, "train.steps=3", "train.d_only_steps=1",
+                     "rollout.max_new_tokens=12", *extra)
 
 
 class Spy:

@@ -12,22 +12,16 @@ import time
 import pytest
 
 from gad_megatron.cluster.group import WorkerError
-from gad_megatron.config import load_config
-from gad_megatron.data.task import write_task
 from gad_megatron.trainer.controller import train
 from gad_megatron.trainer.ray_backend import start_ray_roles
 from gad_megatron.trainer.setup import resolve_inputs
+from tests.tiny_models import small_run
 
 
 def ray_cfg(tmp_path, stage, *extra):
-    task = tmp_path / "task"
-    if not (task / "train.jsonl").exists():
-        write_task(task, n_train=64, n_test=8, seed=0)
-    return load_config("configs/default.yaml", [
-        f"run.out_dir={tmp_path / stage}", f"train.stage={stage}", "train.steps=2",
-        "train.prompts_per_step=4", "train.d_only_steps=1", "train.save_every=0",
-        f"data.train_files={task / 'train.jsonl'}", "rollout.n=2", "rollout.max_new_tokens=8",
-        "model.tiny_hidden=32", "run.num_cpus=16", "run.worker_timeout_s=120", *extra])
+    return small_run(tmp_path, stage, stage, "train.steps=2", "train.d_only_steps=1",
+                     "rollout.max_new_tokens=8", "run.num_cpus=16", "run.worker_timeout_s=120",
+                     *extra)
 
 
 def test_warmup_then_gad_through_ray(tmp_path):

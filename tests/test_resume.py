@@ -8,20 +8,13 @@ import shutil
 
 import pytest
 
-from gad_megatron.config import load_config
-from gad_megatron.data.task import write_task
 from gad_megatron.trainer.controller import resume_point, train
+from tests.tiny_models import small_run
 
 
 def cfg_for(tmp_path, name, stage, *extra):
-    task = tmp_path / "task"
-    if not (task / "train.jsonl").exists():
-        write_task(task, n_train=64, n_test=8, seed=0)
-    return load_config("configs/default.yaml", [
-        f"run.out_dir={tmp_path / name}", f"train.stage={stage}", "train.steps=6",
-        "train.prompts_per_step=4", "train.d_only_steps=2", "train.save_every=3",
-        f"data.train_files={task / 'train.jsonl'}", "rollout.n=2", "rollout.max_new_tokens=10",
-        "model.tiny_hidden=32", *extra])
+    return small_run(tmp_path, name, stage, "train.steps=6", "train.d_only_steps=2",
+                     "train.save_every=3", "rollout.max_new_tokens=10", *extra)
 
 
 def comparable(history):

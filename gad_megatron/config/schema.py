@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gad_megatron.data.config import DataConfig
 from gad_megatron.models.optim import OptimConfig
+from gad_megatron.parallel.dist import ParallelLayout as ParallelConfig
 
 ENGINES = ("hf", "vllm", "sglang")
 ENGINE_PACKAGES = {"hf": "transformers", "vllm": "vllm", "sglang": "sglang"}
@@ -31,27 +32,6 @@ class Stage(str, enum.Enum):
 
 def _paper_optim() -> OptimConfig:
     return OptimConfig(lr=1e-6, clip_grad=0.2)
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How one role's Megatron ranks are laid out."""
-
-    tp: int = 1
-    """Tensor-parallel size."""
-    pp: int = 1
-    """Pipeline-parallel size."""
-    dp: int = 1
-    """Data-parallel size; the role takes tp * pp * dp devices (or CPU slots)."""
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
 
 
 @dataclass(frozen=True)

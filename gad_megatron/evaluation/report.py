@@ -62,8 +62,9 @@ def console_table(result: dict) -> str:
 
 
 def _cell(text: str, limit: int = 300) -> str:
-    # Table cells cannot hold newlines or bare pipes.
+    # Table cells cannot hold newlines or bare pipes, and a model's "<tag" must stay text.
     text = text if len(text) <= limit else text[:limit] + "..."
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
 
 

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How one role's ranks are split. world = tp * pp * dp."""
+    """How one role's Megatron ranks are split (the `parallel` section of each role's config).
+    The role takes world_size = tp * pp * dp devices (or CPU slots)."""
 
     tp: int = 1
     """Tensor-parallel size: each layer's weights split across this many ranks."""
@@ -22,8 +23,9 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel layout: {name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
     def world_size(self) -> int:

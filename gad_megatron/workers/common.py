@@ -38,12 +38,12 @@ class WeightsSource:
 
 def start_rank(parallel: ParallelConfig, seed: int) -> None:
     """Join this role's process group and set Megatron's parallel state."""
-    from gad_megatron.parallel.dist import ParallelLayout, device, init_distributed
+    from gad_megatron.parallel.dist import device, init_distributed
 
     if device().type == "cpu":
         # Several ranks share few cores: one thread each avoids oversubscription stalls.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    init_distributed(ParallelLayout(parallel.tp, parallel.pp, parallel.dp), seed=seed)
+    init_distributed(parallel, seed=seed)
 
 
 def load_into(model, source: WeightsSource, skip: tuple[str, ...] = ()) -> None:
