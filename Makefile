@@ -1,7 +1,8 @@
 # One target per stage; every target sets the environment up first if needed.
 #   make warmup [CONFIG=configs/x.yaml] [key=value ...]      e.g. make warmup train.steps=20
 #   make gad    [train.init_from=DIR]   (default: the warmup run of the same RUN_ROOT)
-#   make export [STAGE=warmup|gad|seqkd] [DISCRIMINATOR=1]
+#   make export [STAGE=warmup|gad|seqkd] [DISCRIMINATOR=1]     make eval [STAGE=...]
+#   make demo   the embedded-default main job
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -57,6 +58,13 @@ gad: setup task
 
 seqkd: setup task
 	$(call stage_cmd,seqkd,)
+
+eval: setup
+	$(GAD) eval --run $(RUN_ROOT)/$(or $(STAGE),gad)
+
+# The main job on the embedded default: built-in task -> warmup -> gad -> evaluation (CPU).
+demo: setup
+	$(GAD) demo --out runs/demo $(OVERRIDES)
 
 export: setup
 	$(GAD) export --run $(RUN_ROOT)/$(or $(STAGE),gad) $(if $(DISCRIMINATOR),--discriminator)

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order here is the order in `--help`.
-COMMANDS = ("convert", "data", "train", "export")
+COMMANDS = ("convert", "data", "train", "eval", "export", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ both stages run through the Ray backend; every stage is tracked in a local MLflo
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -48,14 +47,21 @@ def run_stage(root: Path, stage: str, steps: int, overrides: list[str]) -> Path:
     return out
 
 
-def evaluate_student(root: Path, label: str, hf_dir: Path, test_file: Path,
-                     max_new_tokens: int) -> dict:
-    from gad_megatron.evaluation import evaluate_builtin
+def evaluate_student(root: Path, label: str, hf_dir: Path, cfg) -> dict:
+    """Greedy answers to the held-out prompts, scored against the teacher's; the report is
+    written to ROOT/eval/LABEL.{json,md}. Returns the headline numbers."""
+    from gad_megatron.data import load_tokenizer
+    from gad_megatron.evaluation.pipeline import evaluate
+    from gad_megatron.evaluation.report import write_report
 
-    result = evaluate_builtin(str(hf_dir), [str(test_file)], max_new_tokens=max_new_tokens)
-    (root / "eval").mkdir(exist_ok=True)
-    (root / "eval" / f"{label}.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
+    tokenizer = load_tokenizer(str(hf_dir))
+    result = evaluate(str(hf_dir), list(cfg.data.eval_files), cfg.data, tokenizer,
+                      cfg.rollout.max_new_tokens, builtin_task=True)
+    write_report(result, root / "eval" / label)
+    m = result["metrics"]
+    return {"exact_match": m["task"]["exact_match"], "answer_accuracy": m["task"]["answer_accuracy"],
+            "similarity": m["task"]["similarity"], "rouge_l": m["rouge_l"],
+            "length_ratio": m["length"]["token_ratio"]}
 
 
 def summary_table(rows: list[tuple[str, dict]]) -> str:
@@ -80,8 +86,9 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
     started = time.perf_counter()
     if not (root / "task" / "train.jsonl").exists():
         write_task(root / "task", n_train=4000, n_test=200, seed=0)
-    test_file = root / "task" / "test.jsonl"
-    cfg = load_config(DEMO_CONFIGS["warmup"], [f"run.out_dir={root}", *overrides])
+    cfg = load_config(DEMO_CONFIGS["warmup"], [
+        f"run.out_dir={root}", f"data.train_files={root / 'task' / 'train.jsonl'}",
+        f"data.eval_files={root / 'task' / 'test.jsonl'}", *overrides])
     start_ray(cfg.run)
     try:
         warm = run_stage(root, "warmup", warmup_steps, list(overrides))
@@ -95,8 +102,7 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
         else:
             hf_dir = run / "export" / "student"
             megatron_to_hf(latest_checkpoint(str(run)) / "actor", hf_dir)
-        rows.append((label, evaluate_student(root, label.replace(" ", "_"), hf_dir, test_file,
-                                             cfg.rollout.max_new_tokens)))
+        rows.append((label, evaluate_student(root, label.replace(" ", "_"), hf_dir, cfg)))
     table = summary_table(rows)
     minutes = (time.perf_counter() - started) / 60
     (root / "summary.md").write_text(f"```\n{table}\n```\n\n{minutes:.1f} minutes\n")

@@ -1,0 +1,25 @@
+"""`python -m gad_megatron demo`: the embedded-default main job (see trainer/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gad_megatron.trainer.demo import run_demo
+
+    table = run_demo(args.out, args.warmup_steps, args.gad_steps, tuple(args.overrides))
+    print("\n" + table)
+    print(f"\nheld-out prompts of the built-in task, greedy decoding; reports in {args.out}/eval/")
+    print(f"MLflow runs: {args.out}/warmup/mlflow.db and {args.out}/gad/mlflow.db "
+          f"(mlflow ui --backend-store-uri sqlite:///{args.out}/gad/mlflow.db)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="built-in task -> warmup -> gad -> evaluation, on CPU")
+    p.add_argument("--out", default="runs/demo", help="job directory")
+    p.add_argument("--warmup-steps", type=int, default=150)
+    p.add_argument("--gad-steps", type=int, default=100)
+    p.add_argument("overrides", nargs="*", help="key=value overrides for both stages")
+    p.set_defaults(func=_demo)
