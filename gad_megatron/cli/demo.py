@@ -11,8 +11,8 @@ def _demo(args: argparse.Namespace) -> int:
     table = run_demo(args.out, args.warmup_steps, args.gad_steps, tuple(args.overrides))
     print("\n" + table)
     print(f"\nheld-out prompts of the built-in task, greedy decoding; reports in {args.out}/eval/")
-    print(f"MLflow runs: {args.out}/warmup/mlflow.db and {args.out}/gad/mlflow.db "
-          f"(mlflow ui --backend-store-uri sqlite:///{args.out}/gad/mlflow.db)")
+    print(f"MLflow: warmup and gad runs in sqlite:///{args.out}/mlflow.db "
+          f"(see them with: .venv/bin/mlflow ui --backend-store-uri sqlite:///{args.out}/mlflow.db)")
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from gad_megatron.data.config import DataConfig
 from gad_megatron.models.optim import OptimConfig
 from gad_megatron.parallel.dist import ParallelLayout as ParallelConfig
+from gad_megatron.tracking.mlflow_tracker import TrackingConfig
 
 ENGINES = ("hf", "vllm", "sglang")
 ENGINE_PACKAGES = {"hf": "transformers", "vllm": "vllm", "sglang": "sglang"}
@@ -218,6 +219,7 @@ class GADConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.train.stage == Stage.GAD and self.rollout.n < 2:

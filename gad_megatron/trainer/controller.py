@@ -81,10 +81,13 @@ def train(cfg: GADConfig, backend: str = "ray",
     inputs = resolve_inputs(cfg)
     loader = build_loader(cfg, inputs.tokenizer)
     total = cfg.train.steps or cfg.train.epochs * loader.batches_per_epoch
+    from gad_megatron.trainer.observe import RunObserver
+
+    observer = RunObserver(cfg, run_dir, inputs.tokenizer)
     roles = start_roles(cfg, inputs, total, backend)
     ctx = StepContext(cfg, roles.actor, roles.rollout, roles.disc, roles.ref,
                       roles.monitor, inputs.pad_id, inputs.eos_id)
-    step_fn, history = STEPS[cfg.train.stage.value], []
+    step_fn, history, ok = STEPS[cfg.train.stage.value], [], False
     try:
         ckpt = resume_point(run_dir) if cfg.train.resume else None
         start = _restore(roles, ckpt, loader) if ckpt else 0
@@ -101,6 +104,7 @@ def train(cfg: GADConfig, backend: str = "ray",
             history.append(metrics)
             log.write(json.dumps(metrics) + "\n")
             log.flush()
+            observer.on_step(step, metrics, ctx)
             if on_step:
                 on_step(step, metrics)
             done = step + 1
@@ -108,6 +112,8 @@ def train(cfg: GADConfig, backend: str = "ray",
                 save_checkpoint(roles, run_dir, done, cfg.train.keep_last, inputs.hf_dir,
                                 loader.state_dict())
         log.close()
+        ok = True
     finally:
         roles.shutdown()
+        observer.close(ok)
     return history

@@ -33,6 +33,8 @@ class StepContext:
     pad_id: int = 0
     eos_id: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    last_pairs: Any = None
+    """(teacher, samples, teacher scores, sample scores) of the latest scoring, for reports."""
 
     @contextmanager
     def phase(self, name: str):
@@ -87,6 +89,7 @@ def score(ctx: StepContext, teacher: Sequences, samples: Sequences):
     identical = torch.tensor([samples.responses[i] == teacher.responses[g]
                               for i, g in enumerate(samples.group)])
     metrics = alg.discriminator_metrics(t_rep, torch.from_numpy(s), identical)
+    ctx.last_pairs = (teacher, samples, t, s)
     return t, s, {f"d/{k}": v for k, v in metrics.items()}
 
 
@@ -155,8 +158,11 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
     samples.fields.update(advantage=adv.tolist(), old_logprobs=[a.tolist() for a in old],
                           ref_logprobs=[a.tolist() for a in ref])
     with ctx.phase("g_update"):
-        g = ctx.actor.train("policy_step", samples, _global_norm(samples, cfg.actor.loss_agg),
-                            cfg.rollout.temperature)
+        # ppo_epochs passes over the same samples; from the second on, the ratio to the
+        # sampling policy departs from 1 and the clip takes effect. Metrics of the last pass.
+        for _ in range(cfg.actor.ppo_epochs):
+            g = ctx.actor.train("policy_step", samples, _global_norm(samples, cfg.actor.loss_agg),
+                                cfg.rollout.temperature)
     metrics.update({f"g/{k}": v for k, v in g.items()})
     metrics["g/reward_mean"] = float(rewards.mean())
     if ctx.monitor is not None:

@@ -1,0 +1,61 @@
+"""The tracking section of a job's config (GADConfig.tracking)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow logging and training-health warnings of the driver process."""
+
+    enabled: bool = True
+    """Log to MLflow. False: no MLflow at all; samples.jsonl, plots and health warnings stay."""
+    tracking_uri: str = ""
+    """MLflow tracking URI ('http://127.0.0.1:5000', 'sqlite:///x.db', ...). Empty: a local
+    SQLite store `sqlite:///<run_dir>/mlflow.db` inside the run directory, no server needed."""
+    experiment: str = "gad-megatron"
+    """MLflow experiment the runs go to (created when missing)."""
+    run_name: str = ""
+    """MLflow run name. Empty: '<parent dir>/<run dir>' of the run directory."""
+    samples_every: int = 10
+    """Steps between sample-table artifacts (prompt, teacher, student, D scores); 0: never."""
+    plots_every: int = 0
+    """Steps between PNG plots of the key curves; 0: plots only when the run finishes."""
+    d_acc_low: float = 0.55
+    """Health: D accuracy below this for `d_acc_patience` steps means D is not learning."""
+    d_acc_high: float = 0.9
+    """Health: D accuracy above this for `d_acc_patience` steps means D is over-confident
+    and the student gets almost no signal."""
+    d_acc_patience: int = 5
+    """Consecutive steps a d_acc condition must hold before it is reported."""
+    score_gap_max: float = 10.0
+    """Health: |teacher - student| mean score gap above this means D's scores saturate."""
+    clip_frac_low: float = 0.1
+    """Health: policy clip fraction below this (once clipping has acted at all) means the
+    clip range is too wide to matter."""
+    clip_frac_high: float = 0.3
+    """Health: policy clip fraction above this means updates are mostly cut off."""
+    length_ratio_max: float = 2.0
+    """Health: student/teacher mean response length above this hints at reward hacking."""
+    length_ratio_min: float = 0.5
+    """Health: student/teacher mean response length below this hints at reward hacking."""
+    retry_s: float = 60.0
+    """Least seconds between two reconnect attempts while the tracking server is down."""
+    http_timeout_s: int = 5
+    """Per-request timeout of MLflow's HTTP client, so a dead server costs seconds."""
+    http_max_retries: int = 1
+    """MLflow HTTP retries per request (no backoff sleep between them)."""
+
+    def __post_init__(self) -> None:
+        if self.samples_every < 0 or self.plots_every < 0 or self.d_acc_patience < 1:
+            raise ValueError("samples_every, plots_every >= 0 and d_acc_patience >= 1 required")
+        if not 0 <= self.d_acc_low <= self.d_acc_high <= 1:
+            raise ValueError("0 <= d_acc_low <= d_acc_high <= 1 required")
+        if self.clip_frac_low > self.clip_frac_high or self.length_ratio_min > self.length_ratio_max:
+            raise ValueError("clip_frac_low <= clip_frac_high and "
+                             "length_ratio_min <= length_ratio_max required")
+        if self.retry_s < 0 or self.http_timeout_s < 1 or self.http_max_retries < 0:
+            raise ValueError("retry_s >= 0, http_timeout_s >= 1 and http_max_retries >= 0 required")
+        if not self.experiment:
+            raise ValueError("experiment must not be empty")
