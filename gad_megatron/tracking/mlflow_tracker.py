@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gad_megatron.tracking.health import HealthConfig
+from gad_megatron.tracking.watch import HealthConfig
 
 SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.I)
 URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
@@ -202,9 +202,9 @@ class Tracker:
         self.log_artifact(table, "samples")
 
     def finish(self, status: str = "FINISHED") -> None:
-        from gad_megatron.tracking.plots import write_plots
+        from gad_megatron.tracking.curves import write_curve_plots
 
-        for png in write_plots(self.history, self.run_dir / "plots"):
+        for png in write_curve_plots(self.history, self.run_dir / "plots"):
             self.log_artifact(png, "plots")
         if (self.run_dir / "config.json").is_file():
             self.log_artifact(self.run_dir / "config.json")
