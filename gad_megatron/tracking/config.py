@@ -12,8 +12,9 @@ class TrackingConfig:
     enabled: bool = True
     """Log to MLflow. False: no MLflow at all; samples.jsonl, plots and health warnings stay."""
     tracking_uri: str = ""
-    """MLflow tracking URI ('http://127.0.0.1:5000', 'sqlite:///x.db', ...). Empty: a local
-    SQLite store `sqlite:///<run_dir>/mlflow.db` inside the run directory, no server needed."""
+    """MLflow tracking URI ('http://127.0.0.1:5000', 'sqlite:///x.db', ...). Empty: the job's
+    local SQLite store `sqlite:///<run_dir>/../mlflow.db`, shared by its stages (so the gad
+    run nests under its warmup run); no server needed."""
     experiment: str = "gad-megatron"
     """MLflow experiment the runs go to (created when missing)."""
     run_name: str = ""

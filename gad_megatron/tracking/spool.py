@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,11 +70,9 @@ def _run_exists(client, run_id: str | None) -> bool:
     try:
         client.get_run(run_id)
         return True
-    except Exception as exc:  # noqa: BLE001 - absent run and foreign id look alike
-        if is_transient(exc) and "RESOURCE_DOES_NOT_EXIST" not in str(exc):
-            from mlflow.exceptions import MlflowException
-            if not isinstance(exc, MlflowException):
-                raise
+    except Exception as exc:  # noqa: BLE001 - an outage propagates, a missing run is False
+        if is_transient(exc):
+            raise
         return False
 
 
@@ -202,6 +202,7 @@ def replay(client, run_dir: Path, runs: dict[str, str]) -> int:
                 reject(run_dir, bad, exc)
         done = end
     (run_dir / SPOOL_FILE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / SPOOL_FILES_DIR, ignore_errors=True)
     return done
 
 
@@ -215,3 +216,22 @@ def _rewrite(run_dir: Path, runs: dict[str, str], rest: list[dict]) -> None:
 def chunked(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+@contextmanager
+def http_limits(timeout_s: int, max_retries: int) -> Iterator[None]:
+    """Short MLflow HTTP timeouts and no backoff sleeps for the calls inside, so a dead
+    server costs seconds; MLflow reads these variables per request. Restored afterwards."""
+    values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries),
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
