@@ -99,15 +99,13 @@ def role_specs(cfg: GADConfig, inputs: RunInputs) -> list:
 
 
 def check_placement(cfg: GADConfig, inputs: RunInputs):
-    """Refuse, before any worker starts, a layout the Ray cluster cannot hold."""
-    import ray
+    """Where every rank goes; refuses, before any worker starts, a layout the Ray cluster
+    cannot hold."""
+    from gad_megatron.cluster.placement import plan_placement
+    from gad_megatron.cluster.runtime import cluster_nodes
 
-    from gad_megatron.cluster.placement import NodeSpec, plan_placement
-
-    key = "GPU" if cfg.run.use_gpus else "CPU"
-    nodes = [NodeSpec(n["NodeManagerAddress"], int(n["Resources"].get(key, 0)))
-             for n in ray.nodes() if n.get("Alive") and n["Resources"].get(key, 0) >= 1]
-    return plan_placement(role_specs(cfg, inputs), nodes, colocate=cfg.run.colocate)
+    return plan_placement(role_specs(cfg, inputs), cluster_nodes(cfg.run.use_gpus),
+                          colocate=cfg.run.colocate, use_gpus=cfg.run.use_gpus)
 
 
 def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
@@ -124,15 +122,14 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
             stop_ray()
 
     try:
-        check_placement(cfg, inputs)
+        plan = check_placement(cfg, inputs)
     except BaseException:
         stop_if_owned()
         raise
     seed, timeout, groups = cfg.train.seed, cfg.run.worker_timeout_s, []
 
     def group(role, cls, par, args):
-        g = RayWorkerGroup(role, cls, par.world_size, args, None, timeout,
-                           use_gpus=cfg.run.use_gpus)
+        g = RayWorkerGroup(role, cls, par.world_size, args, plan.role(role), timeout)
         groups.append(g)
         return Role(role, g, par)
 

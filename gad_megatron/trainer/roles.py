@@ -42,12 +42,10 @@ class InlineGroup:
 
 
 def rank_coords(rank: int, par: ParallelConfig) -> tuple[int, int, int]:
-    """(dp, pp, tp) coordinates of a global rank under Megatron's default order (tp fastest,
-    then dp, then pp)."""
-    tp_rank = rank % par.tp
-    dp_rank = (rank // par.tp) % par.dp
-    pp_rank = rank // (par.tp * par.dp)
-    return dp_rank, pp_rank, tp_rank
+    """(dp, pp, tp) coordinates of a global rank under Megatron's default order."""
+    from gad_megatron.cluster.dispatch import rank_coords as coords
+
+    return coords(rank, par.tp, par.pp, par.dp)
 
 
 def split_groups(seqs: Sequences, dp: int) -> list[list[int]]:
