@@ -1,14 +1,17 @@
-"""The spooling Tracker (gad_megatron/tracking/tracker.py) against real local MLflow servers
+"""The spooling Tracker (gad_megatron/tracking/tracker.py) against a real local MLflow server
 (127.0.0.1, sqlite backend, proxied artifacts): read-back, a server that is down at the start,
-one that goes away and comes back mid-run, the default local store; redaction; health rules."""
+one that goes away and comes back mid-run (through a switchable loopback relay), the default
+local store; redaction; health rules."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import warnings
@@ -57,12 +60,67 @@ class Server:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the group this test started, only
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the group this test started, only
+        self.proc.wait(timeout=20)
+
+
+class Switch:
+    """A loopback TCP relay in front of a server that can be cut and restored at once:
+    an outage (refused connections, dropped keep-alive ones) without restarting mlflow."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.listener: socket.socket | None = None
+        self.conns: list[socket.socket] = []
+
+    def on(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def off(self) -> None:
+        if self.listener is not None:
+            try:  # wakes the accept() of the relay thread (close alone does not on Linux)
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
+            self.listener = None
+        for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        self.conns = []
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by off()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
         try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 @pytest.fixture(scope="module")
@@ -171,35 +229,35 @@ def test_server_down_then_replay_spool(tmp_path, server):
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/d_acc.png"}
 
 
-def test_server_goes_away_and_comes_back_mid_run(tmp_path):
+def test_server_goes_away_and_comes_back_mid_run(tmp_path, server):
     from mlflow.tracking import MlflowClient
 
-    srv = Server(tmp_path / "srv")
+    switch = Switch(server.port)
     run_dir = tmp_path / "run"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tracker = Tracker(cfg(srv.uri), run_dir, "gad", PARAMS)  # down at the start
+            tracker = Tracker(cfg(switch.uri), run_dir, "gad", PARAMS)  # down at the start
             steps(tracker, 0, 2)
             assert not tracker.online and tracker.run_id is None
-            srv.start()
+            switch.on()
             steps(tracker, 2, 4)  # the next call reconnects and replays the spool first
             assert tracker.online and tracker.run_id and not (run_dir / SPOOL).exists()
-            srv.stop()
-            steps(tracker, 4, 6)  # down again mid-run: spooled with the run's id
+            switch.off()
+            steps(tracker, 4, 6)  # down again mid-run: spooled under the run's id
             assert not tracker.online
             assert _records(run_dir)[0] == {"op": "bind", "key": tracker.key,
                                             "run_id": tracker.run_id}
-            srv.start()  # same port, same database
+            switch.on()
             tracker.finish()
         assert sum(issubclass(w.category, TrackingUnavailableWarning) for w in caught) == 1
         assert tracker.online and not (run_dir / SPOOL).exists()
-        client = MlflowClient(srv.uri)
+        client = MlflowClient(server.uri)
         history = client.get_metric_history(tracker.run_id, "d/d_acc")
         assert [m.step for m in history] == list(range(6))
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
     finally:
-        srv.stop()
+        switch.off()
 
 
 def test_default_local_store_without_server(tmp_path):
