@@ -217,6 +217,10 @@ def test_server_down_then_replay_spool(tmp_path, server):
     assert kinds[0] == "start" and kinds[-1] == "end" and tracker.run_id is None
     assert find_run_id(run_dir) is None
 
+    from gad_megatron.tracking.__main__ import main
+
+    assert main(["replay", str(run_dir), "--uri", dead]) == 1  # still down: the spool stays
+    assert [r["op"] for r in _records(run_dir)] == kinds
     assert replay_spool(run_dir, server.uri) == len(kinds)
     assert not (run_dir / SPOOL).exists()
     run_id = find_run_id(run_dir)
@@ -277,6 +281,11 @@ def test_default_local_store_without_server(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["mlflow.parentRunId"] == warm.run_id
     assert (tmp_path / "job" / "mlartifacts").is_dir()  # artifacts beside the job, not in cwd
     assert not (tmp_path / "job" / "warmup" / "samples.jsonl").exists()  # samples_every=0
+    again = Tracker(local, tmp_path / "job" / "warmup", "warmup", {"a": 1}, resume=True)
+    steps(again, 2, 3)
+    again.finish()
+    assert again.run_id == warm.run_id  # a resumed stage continues its run
+    assert [m.step for m in client.get_metric_history(warm.run_id, "g/kl")] == [0, 1, 2]
 
 
 def test_disabled_tracker_still_writes_local_files(tmp_path):
