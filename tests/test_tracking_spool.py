@@ -339,3 +339,23 @@ def test_health_gap_length_and_clip():
     seq = [{"g/clip_frac": 0.0}] * 2 + [{"g/clip_frac": 0.5}, {"g/clip_frac": 0.2},
                                         {"g/clip_frac": 0.02}, {"g/clip_frac": 0.05}]
     assert _fire(clip, seq) == [[], [], ["clip_frac"], [], ["clip_frac"], []]
+
+
+def test_a_refused_run_is_kept_aside_and_not_retried(tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class Refusing:
+        calls = 0
+
+        def get_experiment_by_name(self, name):
+            Refusing.calls += 1
+            raise MlflowException("refused", error_code=INVALID_PARAMETER_VALUE)
+
+    monkeypatch.setattr(Tracker, "_client_", lambda self: Refusing())
+    tracker = Tracker(TrackingConfig(), tmp_path / "r", "warmup", {"a": 1})
+    steps(tracker, 0, 2)
+    tracker.finish()
+    rejected = (tmp_path / "r" / "mlflow_rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line)["record"]["op"] for line in rejected] == ["start"]
+    assert Refusing.calls == 1 and not (tmp_path / "r" / SPOOL).exists()

@@ -115,7 +115,7 @@ class Tracker:
         self.runs: dict[str, str] = {}
         self._client = None
         self._online, self._warned, self._last_try = True, False, 0.0
-        self._table_tagged = self._finished = False
+        self._table_tagged = self._finished = self._refused = False
         if not cfg.enabled:
             return
         if spool.read(self.run_dir):  # a previous process left records: they go first
@@ -280,7 +280,7 @@ class Tracker:
         return self._client
 
     def _submit(self, op: dict) -> None:
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or self._refused:
             return
         if self._online:
             try:
@@ -290,6 +290,8 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001 - sorted into outage / refusal
                 if not spool.is_transient(exc):
                     spool.reject(self.run_dir, op, exc)
+                    # without a run every later call would be refused too: stop asking
+                    self._refused = op["op"] == "start"
                     return
                 self._outage(exc)
         self._spool(op)
