@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from gad_megatron.data.config import DataConfig
 from gad_megatron.models.optim import OptimConfig
 from gad_megatron.parallel.dist import ParallelLayout as ParallelConfig
-from gad_megatron.tracking.mlflow_tracker import TrackingConfig
+from gad_megatron.tracking.config import TrackingConfig
 
 ENGINES = ("hf", "vllm", "sglang")
 ENGINE_PACKAGES = {"hf": "transformers", "vllm": "vllm", "sglang": "sglang"}

@@ -83,7 +83,8 @@ def train(cfg: GADConfig, backend: str = "ray",
     total = cfg.train.steps or cfg.train.epochs * loader.batches_per_epoch
     from gad_megatron.trainer.observe import RunObserver
 
-    observer = RunObserver(cfg, run_dir, inputs.tokenizer)
+    observer = RunObserver(cfg, run_dir, inputs.tokenizer,
+                           resuming=cfg.train.resume and resume_point(run_dir) is not None)
     roles = start_roles(cfg, inputs, total, backend)
     ctx = StepContext(cfg, roles.actor, roles.rollout, roles.disc, roles.ref,
                       roles.monitor, inputs.pad_id, inputs.eos_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gad_megatron.config import GADConfig, flatten, to_dict
+from gad_megatron.config import GADConfig, Stage, to_dict
 
 
 def sample_rows(pairs, tokenizer, limit: int = 8) -> list[dict]:
@@ -21,31 +21,23 @@ def sample_rows(pairs, tokenizer, limit: int = 8) -> list[dict]:
 
 
 class RunObserver:
-    """Tracking and the health watch for one stage; only the driver process makes one."""
+    """Tracking (MLflow when enabled) and the health watch for one stage, in the driver."""
 
-    def __init__(self, cfg: GADConfig, run_dir: Path, tokenizer):
-        from gad_megatron.tracking import HealthWatch, Tracker, find_run_id
+    def __init__(self, cfg: GADConfig, run_dir: Path, tokenizer, resuming: bool):
+        from gad_megatron.tracking.tracker import Tracker, find_run_id
 
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.health = HealthWatch(cfg.tracking.health, clip_checks=cfg.actor.ppo_epochs > 1)
-        self.tracker = None
-        if cfg.tracking.enabled:
-            parent = find_run_id(cfg.train.init_from) if cfg.train.init_from else None
-            self.tracker = Tracker(cfg.tracking, run_dir, cfg.train.stage.value,
-                                   flatten(to_dict(cfg)), parent_run_id=parent)
+        self.tokenizer = tokenizer
+        parent = find_run_id(cfg.train.init_from) \
+            if cfg.train.stage == Stage.GAD and cfg.train.init_from else None
+        self.tracker = Tracker(cfg.tracking, run_dir, cfg.train.stage.value, to_dict(cfg),
+                               parent_run_id=parent, resume=resuming)
+        self.tracker.log_artifact(run_dir / "config.json")
 
     def on_step(self, step: int, metrics: dict, ctx) -> None:
-        for name, message in self.health.update(step, metrics):
-            print(f"health warning: {message}", flush=True)
-            if self.tracker:
-                self.tracker.set_tags({f"health.{name}": message})
-        if self.tracker is None:
-            return
-        self.tracker.log_metrics(step, metrics)
-        every = self.cfg.tracking.samples_every
-        if every and step % every == 0 and getattr(ctx, "last_pairs", None) is not None:
+        for warning in self.tracker.log_metrics(step, metrics):  # also tags health.<name>
+            print(f"health warning: {warning}", flush=True)
+        if self.tracker.samples_due(step) and getattr(ctx, "last_pairs", None) is not None:
             self.tracker.log_samples(step, sample_rows(ctx.last_pairs, self.tokenizer))
 
     def close(self, ok: bool) -> None:
-        if self.tracker:
-            self.tracker.finish("FINISHED" if ok else "FAILED")
+        self.tracker.finish("FINISHED" if ok else "FAILED")
