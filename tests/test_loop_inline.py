@@ -121,6 +121,35 @@ def test_seqkd_never_builds_a_discriminator(tmp_path, monkeypatch):
     assert not list((tmp_path / "seqkd").rglob("discriminator"))
 
 
+def test_seqkd_continues_from_a_warmup_checkpoint(tmp_path):
+    """seqkd with init_from (the demo's equal-step baseline) starts from the warmup's actor,
+    exactly as gad does; warmup refuses init_from and gad refuses a run without a D."""
+    from gad_megatron.config import ConfigError
+
+    train(tiny_cfg(tmp_path, "warmup", "train.steps=2"), backend="inline")
+    init = f"train.init_from={tmp_path / 'warmup'}"
+    norms = {}
+    for stage in ("seqkd", "gad"):
+        cfg = tiny_cfg(tmp_path, stage, init)
+        inputs = resolve_inputs(cfg)
+        assert (inputs.discriminator is None) == (stage == "seqkd")
+        roles = start_inline(cfg, inputs, total_steps=2)
+        try:
+            norms[stage] = actor_norm(roles)
+        finally:
+            roles.shutdown()
+    fresh = start_inline(tiny_cfg(tmp_path, "seqkd"), resolve_inputs(tiny_cfg(tmp_path, "seqkd")), 2)
+    try:
+        assert norms["seqkd"] == norms["gad"] != actor_norm(fresh)
+    finally:
+        fresh.shutdown()
+    with pytest.raises(ConfigError, match="warmup starts from model.hf_path"):
+        resolve_inputs(tiny_cfg(tmp_path, "warmup", init))
+    train(tiny_cfg(tmp_path, "seqkd", init), backend="inline")
+    with pytest.raises(ConfigError, match="has no discriminator"):
+        resolve_inputs(tiny_cfg(tmp_path, "gad", f"train.init_from={tmp_path / 'seqkd'}"))
+
+
 def test_learning_on_the_builtin_task(tmp_path):
     """Over a short warmup D learns to tell teacher from student (d_acc > 0.5); over the gad
     stage G's samples score higher under a D frozen at the start of the stage."""

@@ -8,10 +8,11 @@ import argparse
 def _demo(args: argparse.Namespace) -> int:
     from gad_megatron.trainer.demo import run_demo
 
-    table = run_demo(args.out, args.warmup_steps, args.gad_steps, tuple(args.overrides))
+    table = run_demo(args.out, args.warmup_steps, args.gad_steps, tuple(args.overrides),
+                     baseline=not args.no_baseline)
     print("\n" + table)
     print(f"\nheld-out prompts of the built-in task, greedy decoding; reports in {args.out}/eval/")
-    print(f"MLflow: warmup and gad runs in sqlite:///{args.out}/mlflow.db "
+    print(f"MLflow: the stages' runs in sqlite:///{args.out}/mlflow.db "
           f"(see them with: .venv/bin/mlflow ui --backend-store-uri sqlite:///{args.out}/mlflow.db)")
     return 0
 
@@ -21,5 +22,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="job directory")
     p.add_argument("--warmup-steps", type=int, default=150)
     p.add_argument("--gad-steps", type=int, default=100)
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the equal-step seqkd baseline run")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both stages")
     p.set_defaults(func=_demo)

@@ -170,7 +170,10 @@ class TrainConfig:
     d_only_steps: int = 10
     """Warmup: steps at the start in which only D is trained."""
     init_from: str = ""
-    """gad: the warmup run directory (or checkpoint) both models start from."""
+    """A run directory (or checkpoint) to start from. Required by gad (the warmup run: both
+    models start there); optional for seqkd, whose student then starts from that checkpoint's
+    actor (SeqKD continued from warmup: the equal-step baseline for gad). Not used by warmup,
+    which starts from model.hf_path."""
     save_every: int = 50
     """Checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 3

@@ -11,7 +11,10 @@ from pathlib import Path
 
 from gad_megatron.config import load_config
 
-DEMO_CONFIGS = {"warmup": "configs/default.yaml", "gad": "configs/default_gad.yaml"}
+# seqkd continues the warmup's SFT (same config) for as many steps as gad runs: the
+# equal-step baseline that "gad beats SeqKD" is measured against.
+DEMO_CONFIGS = {"warmup": "configs/default.yaml", "gad": "configs/default_gad.yaml",
+                "seqkd": "configs/default.yaml"}
 
 
 def _progress(stage: str, total: int):
@@ -36,7 +39,7 @@ def run_stage(root: Path, stage: str, steps: int, overrides: list[str]) -> Path:
     extra = [f"run.out_dir={out}", f"train.stage={stage}", f"train.steps={steps}",
              f"data.train_files={root / 'task' / 'train.jsonl'}",
              f"data.eval_files={root / 'task' / 'test.jsonl'}"]
-    if stage == "gad":
+    if stage in ("gad", "seqkd"):
         extra.append(f"train.init_from={root / 'warmup'}")
     cfg = load_config(DEMO_CONFIGS[stage], extra + overrides)
     bar, on_step = _progress(stage, steps)
@@ -75,8 +78,11 @@ def summary_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps: int = 100,
-             overrides: tuple[str, ...] = ()) -> str:
-    """The whole pipeline; returns the summary table (also written to ROOT/summary.md)."""
+             overrides: tuple[str, ...] = (), baseline: bool = True) -> str:
+    """The whole pipeline; returns the summary table (also written to ROOT/summary.md).
+
+    With `baseline`, a seqkd run continues the warmup for `gad_steps` SFT steps, so that the
+    table compares gad with equal-step SeqKD, not only with the warmup it started from."""
     from gad_megatron.checkpoint.convert import megatron_to_hf
     from gad_megatron.cluster.runtime import start_ray, stop_ray
     from gad_megatron.data.task import write_task
@@ -92,17 +98,22 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
     start_ray(cfg.run)
     try:
         warm = run_stage(root, "warmup", warmup_steps, list(overrides))
+        seqkd = run_stage(root, "seqkd", gad_steps, list(overrides)) if baseline else None
         gad = run_stage(root, "gad", gad_steps, list(overrides))
     finally:
         stop_ray()
     rows = []
-    for label, run in (("start", None), ("after warmup", warm), ("after gad", gad)):
+    runs = [("start", None), ("after warmup", warm), ("warmup+seqkd", seqkd), ("warmup+gad", gad)]
+    for label, run in runs:
+        if label == "warmup+seqkd" and run is None:
+            continue
         if run is None:
             hf_dir = warm / "init_model"
         else:
             hf_dir = run / "export" / "student"
             megatron_to_hf(latest_checkpoint(str(run)) / "actor", hf_dir)
-        rows.append((label, evaluate_student(root, label.replace(" ", "_"), hf_dir, cfg)))
+        rows.append((label, evaluate_student(root, label.replace(" ", "_").replace("+", "_"),
+                                             hf_dir, cfg)))
     table = summary_table(rows)
     minutes = (time.perf_counter() - started) / 60
     (root / "summary.md").write_text(f"```\n{table}\n```\n\n{minutes:.1f} minutes\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gad_megatron.config import GADConfig, Stage, to_dict
+from gad_megatron.config import GADConfig, to_dict
 
 
 def sample_rows(pairs, tokenizer, limit: int = 8) -> list[dict]:
@@ -27,8 +27,8 @@ class RunObserver:
         from gad_megatron.tracking.tracker import Tracker, find_run_id
 
         self.tokenizer = tokenizer
-        parent = find_run_id(cfg.train.init_from) \
-            if cfg.train.stage == Stage.GAD and cfg.train.init_from else None
+        # The run this stage starts from (gad's warmup, a continued seqkd's) is its parent.
+        parent = find_run_id(cfg.train.init_from) if cfg.train.init_from else None
         self.tracker = Tracker(cfg.tracking, run_dir, cfg.train.stage.value, to_dict(cfg),
                                parent_run_id=parent, resume=resuming)
         self.tracker.log_artifact(run_dir / "config.json")

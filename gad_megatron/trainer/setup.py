@@ -94,13 +94,20 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
     dtype = cfg.model.dtype
     actor = WeightsSource(str(hf_dir), arch_config, dtype)
     disc = WeightsSource(str(hf_dir), arch_config, dtype)
-    if cfg.train.stage == Stage.GAD:
-        if not cfg.train.init_from:
-            raise ConfigError("train.init_from must name the warmup run (or checkpoint) "
-                              "that the gad stage starts from")
+    if cfg.train.stage == Stage.GAD and not cfg.train.init_from:
+        raise ConfigError("train.init_from must name the warmup run (or checkpoint) "
+                          "that the gad stage starts from")
+    if cfg.train.init_from and cfg.train.stage == Stage.WARMUP:
+        raise ConfigError("train.init_from is for the gad and seqkd stages; warmup starts from "
+                          "model.hf_path")
+    if cfg.train.init_from:
         ckpt = latest_checkpoint(cfg.train.init_from)
         actor = WeightsSource(str(ckpt / "actor"), arch_config, dtype)
-        disc = WeightsSource(str(ckpt / "discriminator"), arch_config, dtype)
+        if (ckpt / "discriminator").is_dir():
+            disc = WeightsSource(str(ckpt / "discriminator"), arch_config, dtype)
+        elif cfg.train.stage == Stage.GAD:
+            raise ConfigError(f"train.init_from={cfg.train.init_from!r}: checkpoint {ckpt} has "
+                              "no discriminator (a seqkd run?); gad needs a warmup run")
     return RunInputs(
         hf_dir=str(hf_dir), arch_config=arch_config, tokenizer=tokenizer,
         pad_id=pad_id(tokenizer), eos_id=eos_id(tokenizer, cfg.data.eos_token), actor=actor,
