@@ -30,6 +30,14 @@ FORMAT = "gad-megatron/model-v1"
 MARKER = "gad_checkpoint.json"
 
 
+# The distributed optimizer's state is saved in Megatron's canonical per-parameter layout, so a
+# run can resume at another TP/PP/DP layout. Its 0.16 default ('fully_sharded_model_space')
+# builds flattened-range ShardedTensors that the same version's dist_checkpointing refuses;
+# 'dp_reshardable' would be faster at scale but only reshards across DP. The replicated
+# optimizer ignores this key.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, partial or of another format."""
 
@@ -134,7 +142,8 @@ def save_training_state(model, optimizer, scheduler, arch: HFArch, out_dir: str 
         optim_dir.mkdir()
     dist.barrier()
     model_sd = model.sharded_state_dict()
-    dist_checkpointing.save({"optimizer": optimizer.sharded_state_dict(model_sd)}, str(optim_dir))
+    optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
+    dist_checkpointing.save({"optimizer": optim_sd}, str(optim_dir))
     torch.save(_rng_state(), out / f"rng_rank{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
@@ -149,6 +158,68 @@ def has_training_state(ckpt_dir: str | Path) -> bool:
     return (Path(ckpt_dir) / TRAIN_MARKER).is_file()
 
 
+def _torch_adams(optimizer):
+    """The torch Adam(W) instances inside a Megatron (possibly chained) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            yield inner
+
+
+def _fill_empty_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam the state entries a checkpoint load overwrites.
+
+    Megatron's DistributedOptimizer reads `state["step"]` of every parameter when it builds
+    its sharded state dict, which a torch Adam (the optimizer without TE or Apex, as on CPU)
+    only has after its first step. Zeros, written without stepping, leave the weights alone."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if "step" not in inner.state[p]:
+                    inner.state[p].update(step=torch.zeros((), dtype=torch.float32),
+                                          exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Megatron 0.16.1's DistributedOptimizer.load_state_dict gives every parameter of a torch
+    Adam the *same* step tensor; torch increments each parameter's step in place, so the next
+    update would count one step per parameter and use wrong bias corrections. One copy each."""
+    for inner in _torch_adams(optimizer):
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _skip_torch_adam_step_on_reshardable_load() -> None:
+    """Megatron 0.16.1 bug, torch Adam only (no TE/Apex, e.g. on CPU): loading a
+    'fully_reshardable' distributed-optimizer state skips the per-parameter "step" on the
+    source side (it is restored from the param groups) but then copies every destination key,
+    "step" included, and fails with KeyError('step'). Copy only the keys the source has.
+    Installed once, on the first load; the fused TE/Apex optimizers never reach this path."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_gad_step_fix", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                main_param.detach().copy_(tensors["param"])
+                for key in state:
+                    if key != "step":
+                        state[key].copy_(tensors[key])
+                return
+        original(self, model_param, tensors)
+
+    set_states._gad_step_fix = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def load_training_state(model, optimizer, scheduler, ckpt_dir: str | Path) -> None:
     """Collective: restore what save_training_state wrote (model at any layout; RNG only when
     the world size is unchanged)."""
@@ -157,11 +228,15 @@ def load_training_state(model, optimizer, scheduler, ckpt_dir: str | Path) -> No
     ckpt = Path(ckpt_dir)
     if not has_training_state(ckpt):
         raise CheckpointError(f"{ckpt}: no complete training state ({TRAIN_MARKER} missing)")
+    _fill_empty_adam_state(optimizer)
+    _skip_torch_adam_step_on_reshardable_load()
     load_model_checkpoint(model, ckpt)
     model_sd = model.sharded_state_dict()
-    optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                          metadata=OPTIM_METADATA)}
     state = dist_checkpointing.load(optim_sd, str(ckpt / "optim"))
     optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
     meta = json.loads((ckpt / TRAIN_MARKER).read_text())
     rng_file = ckpt / f"rng_rank{dist.get_rank():05d}.pt"
