@@ -46,6 +46,11 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
+# Speed and memory figures with their ratios (data validation, weight sync, loop steps);
+# BENCH_ARGS="--only sync" etc. Not part of `make test`.
+bench: setup
+	$(PY) -m gad_megatron.bench $(BENCH_ARGS)
+
 task: setup
 	@if [ "$(CONFIG)" = configs/default.yaml ] && [ ! -f $(TASK_DIR)/train.jsonl ]; then \
 	  $(GAD) data make-task --out $(TASK_DIR); fi
@@ -59,8 +64,9 @@ gad: setup task
 seqkd: setup task
 	$(call stage_cmd,seqkd,)
 
+# eval reads the run's own config unless CONFIG is given on the command line.
 eval: setup
-	$(GAD) eval --run $(RUN_ROOT)/$(or $(STAGE),gad)
+	$(GAD) eval --run $(RUN_ROOT)/$(or $(STAGE),gad) $(if $(filter command line,$(origin CONFIG)),--config $(CONFIG)) $(OVERRIDES)
 
 # The main job on the embedded default: built-in task -> warmup -> gad -> evaluation (CPU).
 demo: setup

@@ -12,13 +12,6 @@ from gad_megatron.data.task import write_task
 from tests.test_eval import make_student
 
 
-@pytest.fixture(autouse=True)
-def eval_registered(monkeypatch):
-    # Until `eval` is listed in gad_megatron/__main__.py's COMMANDS, add it for these tests.
-    if "eval" not in cli.COMMANDS:
-        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "eval"))
-
-
 def test_eval_student_dir(tmp_path, capsys):
     _, test = write_task(tmp_path / "task", n_train=4, n_test=5)
     student = make_student(tmp_path / "student", build_builtin_tokenizer())
@@ -33,6 +26,23 @@ def test_eval_student_dir(tmp_path, capsys):
     assert report["n"] == 5 and report["setup"]["builtin_task"] is True
     assert "discriminator" not in report["metrics"]
     assert (out / "eval_report.md").read_text().startswith("# Evaluation report")
+
+
+def test_key_value_overrides_reach_the_data_settings(tmp_path, capsys):
+    _, test = write_task(tmp_path / "task", n_train=4, n_test=3)
+    student = make_student(tmp_path / "student", build_builtin_tokenizer())
+    out = tmp_path / "report"
+    # No --max-new-tokens: the answer budget is data.max_response_len, set here by override.
+    assert cli.main(["eval", "--student", str(student), "--test", str(test), "--out", str(out),
+                     "data.max_response_len=7", "data.response_len_policy=truncate"]) == 0
+    assert json.loads((out / "eval_report.json").read_text())["setup"]["max_new_tokens"] == 7
+    capsys.readouterr()
+    for bad, needle in (("actor.optim.lr=1", "data.* and discriminator.* only"),
+                        ("data.no_such_field=1", "no_such_field")):
+        # (after a --test list, key=value words would be read as more test files)
+        assert cli.main(["eval", "--student", str(student), bad, "--test", str(test)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -150,6 +150,21 @@ def test_seqkd_continues_from_a_warmup_checkpoint(tmp_path):
         resolve_inputs(tiny_cfg(tmp_path, "gad", f"train.init_from={tmp_path / 'seqkd'}"))
 
 
+def test_throughput_figures_by_hand():
+    from gad_megatron.workers.sequences import Sequences
+
+    # Teacher: prompts of 3 and 2 tokens, answers of 4 and 1 -> 7 + 3 = 10 tokens.
+    teacher = Sequences([[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [6]], [0, 1])
+    # Samples: (3 + 2) + (3 + 0) + (2 + 5) = 15 tokens, of which 2 + 0 + 5 = 7 generated.
+    samples = Sequences([[1, 2, 3], [1, 2, 3], [4, 5]], [[6, 7], [], [1, 1, 1, 1, 1]], [0, 0, 1])
+    m = steps_mod.length_metrics(teacher, samples)
+    assert m["perf/step_tokens"] == 25 and m["perf/generated_tokens"] == 7
+    assert m["g/response_len_mean"] == 7 / 3 and m["g/teacher_len_mean"] == 2.5
+    m.update({"time/step": 0.5, "time/rollout": 0.25})
+    steps_mod.add_throughput(m)
+    assert m["perf/tokens_per_s"] == 50.0 and m["perf/rollout_tokens_per_s"] == 28.0
+
+
 def test_learning_on_the_builtin_task(tmp_path):
     """Over a short warmup D learns to tell teacher from student (d_acc > 0.5); over the gad
     stage G's samples score higher under a D frozen at the start of the stage."""

@@ -42,6 +42,7 @@ def test_warmup_then_gad_through_ray(tmp_path):
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         for phase in ("rollout", "logprobs", "score", "d_update", "g_update", "weight_sync"):
             assert metrics[f"time/{phase}"] > 0
+        assert metrics["perf/tokens_per_s"] > 0 and metrics["perf/rollout_tokens_per_s"] > 0
     assert history[0]["g/ref_logprob_max_diff"] < 1e-5  # actor == reference at step 0
     assert history[0]["g/engine_logprob_max_diff"] < 1e-4
     assert (tmp_path / "gad" / "checkpoints" / "latest").is_file()

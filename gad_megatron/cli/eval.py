@@ -3,6 +3,7 @@
     python -m gad_megatron eval --run runs/default/gad --test runs/default/task/test.jsonl
     python -m gad_megatron eval --student HF_DIR [--discriminator CKPT] --test FILE ...
         [--config C] [--max-new-tokens N] [--judge-url URL --judge-model M] [--out DIR]
+        [data.KEY=VALUE ...] [discriminator.KEY=VALUE ...]
 
 With `--run`, the latest actor checkpoint is exported to `RUN/export/student` (unless that
 export is already newer), the run's discriminator checkpoint gives the win-rate, and the
@@ -72,11 +73,16 @@ def export_student(run_dir: Path, ckpt: Path) -> Path:
 def _sections(args: argparse.Namespace, run_tree: dict):
     """(DataConfig, DiscriminatorConfig): --config beats the run's config.json."""
     from gad_megatron.config import DiscriminatorConfig
-    from gad_megatron.config.loader import build, read_yaml
+    from gad_megatron.config.loader import build, merge, parse_overrides, read_yaml
     from gad_megatron.data import DataConfig
 
     tree = read_yaml(args.config) if args.config else run_tree
-    data = DataConfig.from_dict(tree.get("data") or {})
+    over = parse_overrides(list(args.overrides))
+    other = sorted(set(over) - {"data", "discriminator"})
+    if other:
+        raise ValueError(f"eval overrides may set data.* and discriminator.* only, not {other}")
+    tree = merge(tree, over)
+    data = build(DataConfig, tree.get("data") or {}, "data")
     disc = build(DiscriminatorConfig, tree.get("discriminator") or {}, "discriminator")
     return data, disc
 
@@ -196,4 +202,6 @@ def register(sub) -> None:
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge call")
     p.add_argument("--out", default="", help="report directory (default RUN/eval, or "
                                              "eval/<student name>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data.* / discriminator.* settings over the config's")
     p.set_defaults(func=_eval)

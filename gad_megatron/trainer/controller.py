@@ -11,7 +11,7 @@ from typing import Callable
 
 from gad_megatron.config import GADConfig, Stage, to_dict
 from gad_megatron.trainer.setup import build_loader, resolve_inputs
-from gad_megatron.trainer.steps import STEPS, StepContext
+from gad_megatron.trainer.steps import STEPS, StepContext, add_throughput
 
 STATE_FILE = "trainer_state.json"
 
@@ -102,6 +102,7 @@ def train(cfg: GADConfig, backend: str = "ray",
             ctx.timings, t0 = {}, time.perf_counter()
             metrics = step_fn(ctx, batch, step)
             metrics.update(ctx.timings, step=step, **{"time/step": time.perf_counter() - t0})
+            add_throughput(metrics)
             history.append(metrics)
             log.write(json.dumps(metrics) + "\n")
             log.flush()

@@ -105,12 +105,29 @@ def sync_rollout(ctx: StepContext) -> None:
 
 
 def length_metrics(teacher: Sequences, samples: Sequences | None) -> dict:
-    out = {"g/teacher_len_mean": float(np.mean([len(r) for r in teacher.responses]))}
+    """Response lengths, and the token counts the throughput figures are made of."""
+    def tokens(seqs: Sequences) -> int:
+        return sum(len(p) + len(r) for p, r in zip(seqs.prompts, seqs.responses))
+
+    out = {"g/teacher_len_mean": float(np.mean([len(r) for r in teacher.responses])),
+           "perf/step_tokens": float(tokens(teacher) + (tokens(samples) if samples else 0))}
     if samples is not None:
         lens = [len(r) for r in samples.responses]
         out.update({"g/response_len_mean": float(np.mean(lens)),
-                    "g/response_len_max": float(np.max(lens))})
+                    "g/response_len_max": float(np.max(lens)),
+                    "perf/generated_tokens": float(sum(lens))})
     return out
+
+
+def add_throughput(metrics: dict) -> dict:
+    """Tokens per second of the whole step (every teacher and sample sequence, prompt
+    included) and of generation alone, from the counts and the phase times."""
+    if metrics.get("time/step"):
+        metrics["perf/tokens_per_s"] = metrics["perf/step_tokens"] / metrics["time/step"]
+    if metrics.get("time/rollout") and "perf/generated_tokens" in metrics:
+        metrics["perf/rollout_tokens_per_s"] = (metrics["perf/generated_tokens"]
+                                                / metrics["time/rollout"])
+    return metrics
 
 
 def warmup_step(ctx: StepContext, batch, step: int) -> dict:
