@@ -82,6 +82,30 @@ def test_eval_run_exports_and_uses_its_discriminator(tmp_path, capsys):
     assert d["n"] == 4 and 0.0 <= d["win_rate"] <= 1.0
     assert all(isinstance(r["d_student"], float) for r in report["rows"])
     assert "D win-rate" in capsys.readouterr().out
+    # The report went to the stage's own MLflow run, read back through the MLflow client.
+    from mlflow.tracking import MlflowClient
+
+    from gad_megatron.tracking.tracker import default_uri, find_run_id
+
+    client = MlflowClient(tracking_uri=default_uri(run))
+    run_id = find_run_id(run)
+    history = client.get_metric_history(run_id, "eval/discriminator/win_rate")
+    assert [(m.step, m.value) for m in history] == [(1, d["win_rate"])]
+    assert client.get_metric_history(run_id, "eval/rouge_l")[0].value == report["metrics"]["rouge_l"]
+    assert sorted(a.path for a in client.list_artifacts(run_id, "eval")) == [
+        "eval/eval_report.json", "eval/eval_report.md"]
+
+
+def test_eval_metrics_flatten_numeric_leaves():
+    from gad_megatron.evaluation.tracking import eval_metrics
+
+    result = {"n": 3, "metrics": {"rouge_l": 0.5, "length": {"token_ratio": 1.25,
+                                                             "student_tokens": {"mean": 4}},
+                                  "task": {"exact_match": 0.0, "per_row": [1, 0, 0]},
+                                  "flag": True}}
+    assert eval_metrics(result) == {"eval/rouge_l": 0.5, "eval/length/token_ratio": 1.25,
+                                    "eval/length/student_tokens/mean": 4.0,
+                                    "eval/task/exact_match": 0.0, "eval/n": 3.0}
 
 
 def test_eval_with_judge(tmp_path, capsys):

@@ -35,6 +35,10 @@ class Plan:
     discriminator: Path | None
     disc_cfg: object | None  # DiscriminatorConfig
     out: Path
+    run_dir: Path | None = None
+    """With --run: the stage's directory, whose MLflow run receives the report."""
+    step: int = 0
+    """With --run: the evaluated checkpoint's step."""
 
 
 def _read_run_config(run_dir: Path) -> dict:
@@ -91,6 +95,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
     from gad_megatron.trainer.setup import latest_checkpoint
 
     disc_ckpt = Path(args.discriminator) if args.discriminator else None
+    run_dir, step = None, 0
     if args.run:
         ckpt = latest_checkpoint(args.run)
         run_dir = Path(args.run) if (Path(args.run) / "checkpoints").is_dir() \
@@ -100,6 +105,8 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
         if disc_ckpt is None and (ckpt / "discriminator" / "gad_checkpoint.json").is_file():
             disc_ckpt = ckpt / "discriminator"  # seqkd runs have none
         out = Path(args.out) if args.out else run_dir / "eval"
+        state = ckpt / "trainer_state.json"
+        step = int(json.loads(state.read_text())["step"]) if state.is_file() else 0
     else:
         student = Path(args.student)
         if not (student / "config.json").is_file():
@@ -113,7 +120,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
     for path in tests:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--test {path}: no such file")
-    return Plan(student, data, tests, disc_ckpt, disc_cfg, out)
+    return Plan(student, data, tests, disc_ckpt, disc_cfg, out, run_dir, step)
 
 
 def looks_like_builtin_task(test_files: list[str], data) -> bool:
@@ -164,6 +171,12 @@ def _run(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(result, plan.out)
     print(console_table(result))
     print(f"report: {json_path}\n        {md_path}")
+    if plan.run_dir is not None:
+        from gad_megatron.evaluation.tracking import log_report_to_run
+
+        run_id = log_report_to_run(plan.run_dir, result, [json_path, md_path], plan.step)
+        if run_id:
+            print(f"        logged to MLflow run {run_id} (artifacts eval/, metrics eval/*)")
     return 0
 
 

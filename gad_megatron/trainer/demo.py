@@ -50,17 +50,20 @@ def run_stage(root: Path, stage: str, steps: int, overrides: list[str]) -> Path:
     return out
 
 
-def evaluate_student(root: Path, label: str, hf_dir: Path, cfg) -> dict:
+def evaluate_student(root: Path, label: str, hf_dir: Path, cfg, run: Path, step: int) -> dict:
     """Greedy answers to the held-out prompts, scored against the teacher's; the report is
-    written to ROOT/eval/LABEL.{json,md}. Returns the headline numbers."""
+    written to ROOT/eval/LABEL/ and logged to the MLflow run of stage directory `run` at
+    `step`. Returns the headline numbers."""
     from gad_megatron.data import load_tokenizer
     from gad_megatron.evaluation.pipeline import evaluate
     from gad_megatron.evaluation.report import write_report
+    from gad_megatron.evaluation.tracking import log_report_to_run
 
     tokenizer = load_tokenizer(str(hf_dir))
     result = evaluate(str(hf_dir), list(cfg.data.eval_files), cfg.data, tokenizer,
                       cfg.rollout.max_new_tokens, builtin_task=True)
-    write_report(result, root / "eval" / label)
+    files = write_report(result, root / "eval" / label)
+    log_report_to_run(run, result, list(files), step, artifact_path=f"eval/{label}")
     m = result["metrics"]
     return {"exact_match": m["task"]["exact_match"], "answer_accuracy": m["task"]["answer_accuracy"],
             "similarity": m["task"]["similarity"], "rouge_l": m["rouge_l"],
@@ -103,17 +106,20 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
     finally:
         stop_ray()
     rows = []
-    runs = [("start", None), ("after warmup", warm), ("warmup+seqkd", seqkd), ("warmup+gad", gad)]
-    for label, run in runs:
-        if label == "warmup+seqkd" and run is None:
+    # (label, stage directory whose MLflow run gets the report, step): the untrained student
+    # is reported at step 0 of the warmup run.
+    runs = [("start", warm, 0), ("after warmup", warm, warmup_steps),
+            ("warmup+seqkd", seqkd, gad_steps), ("warmup+gad", gad, gad_steps)]
+    for label, run, step in runs:
+        if run is None:  # no baseline run
             continue
-        if run is None:
+        if step == 0:
             hf_dir = warm / "init_model"
         else:
             hf_dir = run / "export" / "student"
             megatron_to_hf(latest_checkpoint(str(run)) / "actor", hf_dir)
-        rows.append((label, evaluate_student(root, label.replace(" ", "_").replace("+", "_"),
-                                             hf_dir, cfg)))
+        name = label.replace(" ", "_").replace("+", "_")
+        rows.append((label, evaluate_student(root, name, hf_dir, cfg, run, step)))
     table = summary_table(rows)
     minutes = (time.perf_counter() - started) / 60
     (root / "summary.md").write_text(f"```\n{table}\n```\n\n{minutes:.1f} minutes\n")
