@@ -32,8 +32,10 @@ MARKER = "gad_checkpoint.json"
 
 # The distributed optimizer's state is saved in Megatron's canonical per-parameter layout, so a
 # run can resume at another TP/PP/DP layout. Its 0.16 default ('fully_sharded_model_space')
-# builds flattened-range ShardedTensors that the same version's dist_checkpointing refuses;
-# 'dp_reshardable' would be faster at scale but only reshards across DP. The replicated
+# builds flattened-range ShardedTensors that the same version's dist_checkpointing refuses, and
+# 'dp_reshardable' fails to load here even at the same TP (tried: KeyError / in-place view
+# errors with torch Adam). Cost to know at scale: saving gathers each model-parallel shard's
+# fp32 params and Adam moments on its DP rank 0 (12 bytes/param / (TP*PP)). The replicated
 # optimizer ignores this key.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
