@@ -11,9 +11,15 @@ def _demo(args: argparse.Namespace) -> int:
     table = run_demo(args.out, args.warmup_steps, args.gad_steps, tuple(args.overrides),
                      baseline=not args.no_baseline)
     print("\n" + table)
+    from pathlib import Path
+
+    from gad_megatron.tracking.tracker import find_run_id
+
     print(f"\nheld-out prompts of the built-in task, greedy decoding; reports in {args.out}/eval/")
-    print(f"MLflow: the stages' runs in sqlite:///{args.out}/mlflow.db "
-          f"(see them with: .venv/bin/mlflow ui --backend-store-uri sqlite:///{args.out}/mlflow.db)")
+    runs = ", ".join(f"{stage} {run_id}" for stage in ("warmup", "seqkd", "gad")
+                     if (run_id := find_run_id(Path(args.out) / stage)))
+    print(f"MLflow runs ({runs}) in sqlite:///{args.out}/mlflow.db; browse them with: "
+          f".venv/bin/mlflow ui --backend-store-uri sqlite:///{args.out}/mlflow.db")
     return 0
 
 
