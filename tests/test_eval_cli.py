@@ -128,3 +128,25 @@ def test_eval_with_judge(tmp_path, capsys):
     assert "task" not in report["metrics"] and len(server.requests) == 9
     assert report["rows"][0]["judge"]["reference"] == "The answer is 42."
     assert "judge score student" in capsys.readouterr().out
+
+
+def test_eval_report_with_the_tracking_server_down_warns_and_keeps_the_files(tmp_path, caplog):
+    import socket
+
+    from gad_megatron.evaluation.tracking import log_report_to_run
+    from gad_megatron.tracking import spool
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(
+        {"tracking": {"tracking_uri": f"http://user:secret@127.0.0.1:{port}"}}))
+    (run / spool.RUN_ID_FILE).write_text("0123456789abcdef")
+    report = tmp_path / "eval_report.json"
+    report.write_text("{}")
+    with caplog.at_level("WARNING"):
+        assert log_report_to_run(run, {"n": 1, "metrics": {"rouge_l": 0.5}}, [report], 3) is None
+    assert "could not log the report" in caplog.text and "secret" not in caplog.text
+    assert report.read_text() == "{}"

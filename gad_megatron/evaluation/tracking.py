@@ -57,13 +57,17 @@ def log_report_to_run(run_dir: str | Path, result: dict, files: list[Path], step
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        from gad_megatron.tracking.spool import http_limits
+
         client = MlflowClient(tracking_uri=uri)
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in eval_metrics(result).items()]
-        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-            client.log_batch(run_id, metrics=metrics[start:start + 1000])
-        for path in files:
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        # A dead server costs the training's short timeouts, not MLflow's minutes of retries.
+        with http_limits(cfg.http_timeout_s, cfg.http_max_retries):
+            for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+                client.log_batch(run_id, metrics=metrics[start:start + 1000])
+            for path in files:
+                client.log_artifact(run_id, str(path), artifact_path=artifact_path)
     except Exception as exc:  # noqa: BLE001 - the store being down must not fail an eval
         log.warning("eval: could not log the report to MLflow run %s at %s (%s); it stays "
                     "in %s", run_id, redact_uri(uri), redact_uri(str(exc)).splitlines()[0],
