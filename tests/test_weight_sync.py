@@ -119,3 +119,42 @@ def test_weight_sync_is_exact(tmp_path, family, tp, pp, tied):
         assert all(len(t) == NEW_TOKENS for t in r["engine_greedy"])
         if tp > 1:  # the other TP rank decoded the same tokens
             assert results[1]["megatron_greedy"] == r["megatron_greedy"]
+
+
+def broadcast_rank(rank, model_dir):
+    """Rank 0: a trainer replica that sends; rank 1: an engine process that receives, over
+    a torch.distributed group of its own (gloo here, NCCL between GPUs)."""
+    import torch.distributed as dist
+
+    from gad_megatron.checkpoint.hf_io import export_hf_tensors, load_hf_weights
+    from gad_megatron.models.builder import build_gpt
+    from gad_megatron.models.hf_config import read_hf_config
+    from gad_megatron.resharding.broadcast import BroadcastTransport, receive_broadcast
+    from gad_megatron.resharding.execute import sync_weights
+    from gad_megatron.rollout.hf_engine import HFEngine
+
+    group = dist.new_group([0, 1])
+    arch = read_hf_config(model_dir)
+    if rank == 0:
+        model = build_gpt(arch, 1, 1)
+        load_hf_weights(model, arch, model_dir)
+        perturb(model, arch)
+        stats = sync_weights(model, arch, BroadcastTransport(group, src=0), BUCKET_BYTES)
+        return {"stats": stats, "exported": {n: t.clone() for n, t in export_hf_tensors(model, arch)}}
+    engine = HFEngine.from_pretrained(model_dir, eos_id=NO_EOS, pad_id=0)
+    before = {k: v.clone() for k, v in engine.state_dict().items()}
+    buckets, nbytes = receive_broadcast(engine, group, src=0)
+    return {"engine": engine.state_dict(), "before": before, "buckets": buckets, "bytes": nbytes}
+
+
+def test_weight_sync_over_a_process_group_is_exact(tmp_path):
+    model_dir = make_hf_model("qwen3", tmp_path / "qwen3")
+    # dp=2 only gives the two processes a world; rank 1 never builds an actor.
+    sender, receiver = run_parallel(broadcast_rank, dp=2, args=(model_dir,))
+    exported, engine = sender["exported"], receiver["engine"]
+    assert set(exported) == set(engine)
+    for name, tensor in exported.items():
+        assert not torch.equal(receiver["before"][name], tensor), name
+        assert engine[name].dtype == tensor.dtype and torch.equal(engine[name], tensor), name
+    stats = sender["stats"]
+    assert receiver["buckets"] == stats.buckets > 3 and receiver["bytes"] == stats.bytes

@@ -7,8 +7,8 @@ Implemented here are the transports the CPU tests can run:
 - `CallbackTransport`: any function that ships a bucket; the Ray layer passes one that puts
   the bucket in the object store and calls the remote engine. No Ray import here.
 
-The GPU transports (NCCL broadcast into the engine's ranks, CUDA IPC handles between
-colocated processes) are designed in docs/weight_sync.md.
+`broadcast.py` sends buckets over a torch.distributed group (gloo on CPU, NCCL on GPUs);
+CUDA IPC between colocated processes is designed in docs/weight_sync.md.
 """
 
 from __future__ import annotations
