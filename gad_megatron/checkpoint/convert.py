@@ -97,6 +97,21 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: i
     return Path(out_dir)
 
 
+def export_student(run_dir: str | Path, ckpt: str | Path) -> Path:
+    """`RUN/export/student` as an HF directory, exported from `ckpt/actor` unless an export
+    at least as new as that checkpoint is already there. The export itself is atomic
+    (save_hf_dir writes a temporary directory and renames it into place)."""
+    out = Path(run_dir) / "export" / "student"
+    marker = Path(ckpt) / "actor" / "gad_checkpoint.json"
+    done = out / "config.json"
+    # The `export` command writes the same directory, so age (not a private marker) decides.
+    if done.is_file() and done.stat().st_mtime >= marker.stat().st_mtime:
+        return out
+    megatron_to_hf(Path(ckpt) / "actor", out)
+    print(f"exported {Path(ckpt).name}/actor to {out}")
+    return out
+
+
 def discriminator_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str,
                              pad_id: int) -> str:
     import dataclasses

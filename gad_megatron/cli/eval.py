@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,26 +53,6 @@ def _read_run_config(run_dir: Path) -> dict:
     return tree
 
 
-def export_student(run_dir: Path, ckpt: Path) -> Path:
-    """`RUN/export/student`, (re-)exported from `ckpt/actor` unless already newer."""
-    from gad_megatron.checkpoint.convert import megatron_to_hf
-
-    out = run_dir / "export" / "student"
-    marker = ckpt / "actor" / "gad_checkpoint.json"
-    done = out / "config.json"
-    # The `export` command writes the same directory, so age (not a private marker) decides.
-    if done.is_file() and done.stat().st_mtime >= marker.stat().st_mtime:
-        return out
-    tmp = out.with_name(f"student.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    megatron_to_hf(ckpt / "actor", tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(f"exported {ckpt.name}/actor to {out}")
-    return out
-
-
 def _sections(args: argparse.Namespace, run_tree: dict):
     """(DataConfig, DiscriminatorConfig): --config beats the run's config.json."""
     from gad_megatron.config import DiscriminatorConfig
@@ -92,6 +71,7 @@ def _sections(args: argparse.Namespace, run_tree: dict):
 
 
 def resolve_plan(args: argparse.Namespace) -> Plan:
+    from gad_megatron.checkpoint.convert import export_student
     from gad_megatron.trainer.setup import latest_checkpoint
 
     disc_ckpt = Path(args.discriminator) if args.discriminator else None
@@ -101,7 +81,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
         run_dir = Path(args.run) if (Path(args.run) / "checkpoints").is_dir() \
             else ckpt.parent.parent
         data, disc_cfg = _sections(args, _read_run_config(run_dir))
-        student = export_student(run_dir, ckpt)
+        student = export_student(run_dir, ckpt)  # RUN/export/student, unless up to date
         if disc_ckpt is None and (ckpt / "discriminator" / "gad_checkpoint.json").is_file():
             disc_ckpt = ckpt / "discriminator"  # seqkd runs have none
         out = Path(args.out) if args.out else run_dir / "eval"

@@ -86,7 +86,7 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
 
     With `baseline`, a seqkd run continues the warmup for `gad_steps` SFT steps, so that the
     table compares gad with equal-step SeqKD, not only with the warmup it started from."""
-    from gad_megatron.checkpoint.convert import megatron_to_hf
+    from gad_megatron.checkpoint.convert import export_student
     from gad_megatron.cluster.runtime import start_ray, stop_ray
     from gad_megatron.data.task import write_task
     from gad_megatron.trainer.setup import latest_checkpoint
@@ -116,8 +116,7 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
         if step == 0:
             hf_dir = warm / "init_model"
         else:
-            hf_dir = run / "export" / "student"
-            megatron_to_hf(latest_checkpoint(str(run)) / "actor", hf_dir)
+            hf_dir = export_student(run, latest_checkpoint(str(run)))
         name = label.replace(" ", "_").replace("+", "_")
         rows.append((label, evaluate_student(root, name, hf_dir, cfg, run, step)))
     table = summary_table(rows)
