@@ -40,19 +40,6 @@ class Plan:
     """With --run: the evaluated checkpoint's step."""
 
 
-def _read_run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return tree
-
-
 def _sections(args: argparse.Namespace, run_tree: dict):
     """(DataConfig, DiscriminatorConfig): --config beats the run's config.json."""
     from gad_megatron.config import DiscriminatorConfig
@@ -72,6 +59,7 @@ def _sections(args: argparse.Namespace, run_tree: dict):
 
 def resolve_plan(args: argparse.Namespace) -> Plan:
     from gad_megatron.checkpoint.convert import export_student
+    from gad_megatron.config.loader import read_run_config
     from gad_megatron.trainer.setup import latest_checkpoint
 
     disc_ckpt = Path(args.discriminator) if args.discriminator else None
@@ -80,7 +68,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
         ckpt = latest_checkpoint(args.run)
         run_dir = Path(args.run) if (Path(args.run) / "checkpoints").is_dir() \
             else ckpt.parent.parent
-        data, disc_cfg = _sections(args, _read_run_config(run_dir))
+        data, disc_cfg = _sections(args, read_run_config(run_dir))
         student = export_student(run_dir, ckpt)  # RUN/export/student, unless up to date
         if disc_ckpt is None and (ckpt / "discriminator" / "gad_checkpoint.json").is_file():
             disc_ckpt = ckpt / "discriminator"  # seqkd runs have none

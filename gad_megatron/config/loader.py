@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import types
 import typing
 from pathlib import Path
@@ -125,6 +126,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if base_name:
         doc = merge(read_yaml(path.parent / base_name), doc)
     return doc
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run wrote to `RUN/config.json` ({} when there is none)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return tree
 
 
 def to_dict(obj: Any) -> Any:

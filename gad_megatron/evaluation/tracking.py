@@ -9,7 +9,6 @@ does not answer, a warning says so and nothing else changes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -38,16 +37,14 @@ def log_report_to_run(run_dir: str | Path, result: dict, files: list[Path], step
                       artifact_path: str = "eval") -> str | None:
     """Log `result`'s metrics and `files` (under `artifact_path`) to the run's MLflow run;
     returns its id, or None when nothing was logged (the reason is logged as a warning)."""
-    from gad_megatron.config.loader import build
+    from gad_megatron.config.loader import build, read_run_config
     from gad_megatron.tracking.config import TrackingConfig
     from gad_megatron.tracking.redact import redact_uri
     from gad_megatron.tracking.tracker import default_uri, find_run_id
 
     run_dir = Path(run_dir)
     run_id = find_run_id(run_dir)
-    config = run_dir / "config.json"
-    tree = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-    cfg = build(TrackingConfig, tree.get("tracking") or {}, "tracking")
+    cfg = build(TrackingConfig, read_run_config(run_dir).get("tracking") or {}, "tracking")
     if not cfg.enabled or run_id is None:
         log.warning("eval: %s has no MLflow run (tracking off or never started); the report "
                     "stays in %s only", run_dir, files[0].parent if files else run_dir)
