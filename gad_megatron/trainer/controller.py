@@ -54,7 +54,7 @@ def train(cfg: GADConfig, backend: str = "ray",
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     inputs = resolve_inputs(cfg)
-    loader = build_loader(cfg, inputs.tokenizer)
+    loader = build_loader(cfg, inputs.tokenizer, run_dir)
     total = cfg.train.steps or cfg.train.epochs * loader.batches_per_epoch
     observer = RunObserver(cfg, run_dir, inputs.tokenizer, resuming=ckpt is not None)
     roles = start_roles(cfg, inputs, total, backend)
