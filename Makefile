@@ -24,7 +24,7 @@ stage_cmd = $(GAD) train $(or $(3),$(CONFIG)) --backend $(BACKEND) train.stage=$
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
-.PHONY: setup test test-gpu bench task warmup gad seqkd eval export demo clean
+.PHONY: setup test test-faults test-gpu bench task warmup gad seqkd eval export demo clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fault-injection tests (also part of `make test`), then docs/reliability.md from their
+# own results.
+test-faults: setup
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
+	$(PY) -m tests.reliability docs/reliability.md
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)

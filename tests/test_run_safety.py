@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from gad_megatron.checkpoint.megatron_ckpt import CheckpointError
 from gad_megatron.trainer.checkpoints import MANIFEST, find_resume
 from gad_megatron.trainer.controller import train
 from gad_megatron.workers.common import NonFiniteError
+from tests.reliability import record
 from tests.tiny_models import small_run
+
+pytestmark = pytest.mark.faults
 
 
 def cfg_for(tmp_path, *extra):
@@ -44,26 +48,32 @@ def run_copy(finished_run, tmp_path):
     return tmp_path
 
 
-def refused(tmp_path, *extra) -> str:
+def refused(tmp_path, *extra) -> tuple[str, float]:
+    """The rerun's refusal message and its time; nothing in the run directory changed."""
     before = snapshot(tmp_path / "run")
+    t0 = time.monotonic()
     with pytest.raises(CheckpointError) as err:
         train(cfg_for(tmp_path, "train.steps=6", *extra), backend="inline")
     assert snapshot(tmp_path / "run") == before  # metrics.jsonl and checkpoints untouched
-    return str(err.value)
+    return str(err.value), time.monotonic() - t0
 
 
 def test_latest_naming_a_missing_directory_refuses_and_keeps_everything(run_copy):
     (run_copy / "run" / "checkpoints" / "latest").write_text("step_0000009")
-    msg = refused(run_copy)
+    msg, secs = refused(run_copy)
     assert "names 'step_0000009', which does not exist" in msg
     assert "newest complete checkpoint is step_0000004" in msg
     assert "train.resume_fallback=true" in msg
+    record("checkpoints/latest names a missing step directory", msg, secs,
+           "nothing (run refused; checkpoints and metrics.jsonl untouched)")
 
 
 def test_latest_without_trainer_state_refuses_then_falls_back_when_asked(run_copy):
     (run_copy / "run" / "checkpoints" / "step_0000004" / "trainer_state.json").unlink()
-    msg = refused(run_copy)
+    msg, secs = refused(run_copy)
     assert "step_0000004" in msg and "trainer_state.json" in msg
+    record("latest checkpoint lacks trainer_state.json", msg, secs,
+           "nothing; train.resume_fallback=true resumes from the previous complete one")
     history = train(cfg_for(run_copy, "train.steps=6", "train.resume_fallback=true"),
                     backend="inline")
     assert [m["step"] for m in history] == [2, 3, 4, 5]  # from the intact step 2
@@ -82,7 +92,11 @@ def test_a_partly_deleted_checkpoint_is_not_complete(run_copy, damage):
         shard.write_bytes(shard.read_bytes()[:100])
     else:
         shutil.rmtree(ckpt / "discriminator")
-    msg = refused(run_copy)
+    msg, secs = refused(run_copy)
+    record({"shard": "a shard of the latest checkpoint deleted",
+            "truncated": "a shard of the latest checkpoint truncated",
+            "discriminator": "the latest checkpoint's discriminator/ deleted"}[damage], msg,
+           secs, "nothing (refused; the intact previous checkpoint is offered)")
     if damage == "shard":
         assert f"is missing {shard}" in msg
     elif damage == "truncated":
@@ -93,8 +107,10 @@ def test_a_partly_deleted_checkpoint_is_not_complete(run_copy, damage):
 
 
 def test_resume_false_on_a_run_with_checkpoints_needs_overwrite(run_copy):
-    msg = refused(run_copy, "train.resume=false")
+    msg, secs = refused(run_copy, "train.resume=false")
     assert "train.overwrite=true" in msg and "step_0000004" in msg
+    record("train.resume=false on a run that has checkpoints", msg, secs,
+           "nothing unless train.overwrite=true is added")
     history = train(cfg_for(run_copy, "train.resume=false", "train.overwrite=true",
                             "train.save_every=0", "train.steps=1"), backend="inline")
     assert [m["step"] for m in history] == [0]
@@ -130,6 +146,8 @@ def test_a_diverging_discriminator_is_skipped_counted_and_stopped(tmp_path):
     # (finite) discriminator as the last real update.
     latest = find_resume(tmp_path / "run")
     assert latest is not None and latest.name == f"step_{len(seen) - 1:07d}"
+    record("discriminator.optim.lr=1e30 (losses turn NaN)", msg, None,
+           "the skipped updates only; weights stay those of the last good step")
 
 
 def test_a_nan_injected_into_one_loss_skips_that_update_only(tmp_path, monkeypatch):
@@ -147,6 +165,8 @@ def test_a_nan_injected_into_one_loss_skips_that_update_only(tmp_path, monkeypat
     assert [m.get("g/skipped") for m in history] == [None, 0.0, 1.0, 0.0]
     assert history[2]["g/nonfinite_loss"] == 1.0 and history[-1]["g/skipped_steps"] == 1.0
     assert history[2]["g/lr"] == history[3]["g/lr"]
+    record("a NaN injected into one step's actor loss", "g/skipped=1 and g/skipped_steps=1 "
+           "at that step; the run goes on", None, "that one update")
 
 
 def test_skip_policy_drops_are_reported(tmp_path, capsys):
@@ -164,3 +184,5 @@ def test_skip_policy_drops_are_reported(tmp_path, capsys):
     assert "row 5, field 'teacher_response': missing" in out
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["bad"] == {"missing": 1, "invalid_json": 1}
+    record("data.on_bad_row=skip with two bad rows", out.split("data: ")[1].splitlines()[0],
+           None, "the two rows, reported on the console and in RUN/data_report.json")

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from gad_megatron.data.task import write_task
+from tests.reliability import record
+
+pytestmark = pytest.mark.faults
 
 COMPARED = ("d/d_loss", "d/score_gap", "g/sft_loss", "g/grad_norm", "d/grad_norm")
 
@@ -36,17 +39,19 @@ def start(cmd: list[str]) -> subprocess.Popen:
                             env=env)
 
 
-def signal_after_step(proc: subprocess.Popen, step: int, sig: int) -> str:
-    """Send `sig` once the driver has printed step `step`; everything it printed."""
-    lines = []
+def signal_after_step(proc: subprocess.Popen, step: int, sig: int) -> tuple[str, float]:
+    """Send `sig` once the driver has printed step `step`: everything it printed, and the
+    seconds from the signal to its exit."""
+    lines, sent = [], None
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("{") and json.loads(line)["step"] == step:
             proc.send_signal(sig)
+            sent = time.monotonic()
             break
     lines.extend(proc.stdout)
     proc.wait(timeout=120)
-    return "".join(lines)
+    return "".join(lines), time.monotonic() - sent
 
 
 def logged(tmp_path: Path) -> list[dict]:
@@ -56,13 +61,15 @@ def logged(tmp_path: Path) -> list[dict]:
 def stop_with(tmp_path: Path, sig: int) -> int:
     """Signal a long run after step 2: it exits 0 with a checkpoint; the step it saved."""
     proc = start(command(tmp_path, 400))
-    out = signal_after_step(proc, 2, sig)
+    out, secs = signal_after_step(proc, 2, sig)
     assert proc.returncode == 0, out
     stopped = [ln for ln in out.splitlines() if ln.startswith("stopped by")]
     assert len(stopped) == 1 and stopped[0].startswith(f"stopped by {sig.name} at step ")
     n = int(stopped[0].split(" at step ")[1].split(";")[0])
     assert 3 <= n < 400 and f"checkpoint step {n} saved" in stopped[0]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{n:07d}"
+    record(f"{sig.name} to the driver mid-run", stopped[0], secs,
+           "nothing: the step in progress finishes and is saved; exit code 0")
     return n
 
 
@@ -92,14 +99,16 @@ def test_sigusr1_saves_exits_0_and_the_rerun_resumes_identically(tmp_path):
 
 def test_ctrl_c_says_where_it_stopped_and_exits_130(tmp_path):
     proc = start(command(tmp_path, 400, "train.save_every=2"))
-    out = signal_after_step(proc, 4, signal.SIGINT)
+    out, secs = signal_after_step(proc, 4, signal.SIGINT)
     assert proc.returncode == 130, out
     line = [ln for ln in out.splitlines() if ln.startswith("interrupted at step")]
     assert line and line[0].endswith("last checkpoint step 4"), out[-2000:]
     assert "Traceback" not in out
+    record("Ctrl-C (SIGINT) mid-run", line[0] + " (exit code 130)", secs,
+           "the steps after the last checkpoint")
 
 
-def one_line_error(cmd: list[str], timeout: int = 120) -> str:
+def one_line_error(cmd: list[str], timeout: int = 120) -> tuple[str, float]:
     started = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 1, (res.stdout[-1000:], res.stderr[-2000:])
@@ -114,10 +123,12 @@ def test_a_truncated_safetensors_file_is_named_before_any_worker_starts(tmp_path
     model = make_hf_model("qwen3", tmp_path / "hf")
     shard = next(model.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])
-    err, _ = one_line_error(command(tmp_path, 2, f"model.hf_path={model}",
-                                    "data.tokenizer=builtin"))
+    err, secs = one_line_error(command(tmp_path, 2, f"model.hf_path={model}",
+                                       "data.tokenizer=builtin"))
     assert str(shard) in err and "not a readable safetensors file" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+    record("a truncated safetensors file as model.hf_path", err, secs,
+           "nothing (no worker started)")
 
 
 def test_convert_of_a_partial_checkpoint_names_the_missing_file(tmp_path):
@@ -130,9 +141,12 @@ def test_convert_of_a_partial_checkpoint_names_the_missing_file(tmp_path):
                    check=True, capture_output=True, timeout=300)
     shard = sorted((ckpt / "model").glob("*.distcp"))[0]
     shard.unlink()
-    err, _ = one_line_error([*gad, "megatron-to-hf", "--ckpt", str(ckpt), "--out",
-                             str(tmp_path / "out")])
+    err, secs = one_line_error([*gad, "megatron-to-hf", "--ckpt", str(ckpt), "--out",
+                                str(tmp_path / "out")])
     assert f"incomplete checkpoint, {shard} is missing" in err
+    assert not (tmp_path / "out").exists()
+    record("convert megatron-to-hf of a checkpoint missing a shard", err, secs,
+           "nothing (no output directory written)")
 
 
 def test_export_and_gad_on_missing_runs_say_what_to_do(tmp_path):
