@@ -186,3 +186,32 @@ def test_skip_policy_drops_are_reported(tmp_path, capsys):
     assert report["bad"] == {"missing": 1, "invalid_json": 1}
     record("data.on_bad_row=skip with two bad rows", out.split("data: ")[1].splitlines()[0],
            None, "the two rows, reported on the console and in RUN/data_report.json")
+
+
+def test_weights_holding_nan_are_never_saved(tmp_path, monkeypatch):
+    """Weights turned NaN behind the guards' back (here: by hand, after step 2's update)
+    make the next save refuse, naming the tensor; the previous checkpoint stays latest."""
+    import torch
+
+    from gad_megatron.workers.policy import ActorWorker
+
+    real, calls = ActorWorker.sft_step, []
+
+    def poison_after(self, *args):
+        out = real(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(self._bare().parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(ActorWorker, "sft_step", poison_after)
+    cfg = cfg_for(tmp_path, "train.d_only_steps=0", "train.steps=4", "train.save_every=1")
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg, backend="inline")
+    msg = str(err.value)
+    assert msg.startswith("actor: weights hold NaN/inf (first: ") and "not saving" in msg
+    assert find_resume(tmp_path / "run").name == "step_0000001"
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000002").exists()
+    record("actor weights turned NaN between two saves", msg, None,
+           "the steps after the last checkpoint; no NaN checkpoint is written")
