@@ -145,7 +145,13 @@ class RolloutConfig:
     bucket_mb: int = 512
     """Weight-sync bucket size: the peak extra memory of a sync is one bucket."""
     gpu_memory_utilization: float = 0.5
-    """vllm/sglang: share of GPU memory the engine may take."""
+    """vllm/sglang: share of GPU memory the engine may take (passed to the engine)."""
+    sleep_when_idle: bool = False
+    """Release the engine's memory between rollouts also when disaggregated (colocated runs
+    always do: the trainer's models need the devices between rollouts)."""
+    deterministic: bool = True
+    """sglang: turn on deterministic inference; without it SGLang ignores the per-sample
+    sampling seeds, so a seeded rollout would not be reproducible (costs some speed)."""
 
     def __post_init__(self) -> None:
         _one_of("engine", self.engine, ENGINES)
@@ -153,6 +159,9 @@ class RolloutConfig:
             raise ValueError("n, tp, max_new_tokens and bucket_mb must be >= 1")
         if not 0 < self.temperature or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
