@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gad_megatron.data.config import DataConfig
 from gad_megatron.models.optim import OptimConfig
+from gad_megatron.models.perf import PerfConfig
 from gad_megatron.parallel.dist import ParallelLayout as ParallelConfig
 from gad_megatron.tracking.config import TrackingConfig
 
@@ -60,6 +61,8 @@ class ActorConfig:
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_paper_optim)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Memory/speed settings: sequence parallel, recompute, overlaps, fusions, TE refusal."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch (sequences are grouped until it is reached)."""
     policy_loss: str = "gspo"
@@ -97,6 +100,8 @@ class DiscriminatorConfig:
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_paper_optim)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Memory/speed settings (see ActorConfig.perf)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch."""
     score_eos: bool = True
@@ -125,6 +130,8 @@ class ReferenceConfig:
     """The frozen reference policy, for the KL term of the gad stage."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Memory/speed settings (forward only: the optimizer overlaps do not apply)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch."""
 
