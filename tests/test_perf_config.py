@@ -67,3 +67,18 @@ def test_perf_is_set_per_role_from_the_command_line():
         "discriminator.perf.overlap_grad_reduce=true", "reference.perf.allow_local_spec=true"]))
     assert cfg.actor.perf == PerfConfig(recompute="selective", rope_fusion=False)
     assert cfg.discriminator.perf.overlap_grad_reduce and cfg.reference.perf.allow_local_spec
+
+
+@pytest.mark.parametrize("name", ["paper_warmup", "paper_gad"])
+def test_paper_configs_shard_the_optimizer_where_dp_allows(name):
+    from pathlib import Path
+
+    from gad_megatron.config import load_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    # rollout.engine=hf: vLLM is not installed here; everything else is the file's.
+    cfg = load_config(path, ["rollout.engine=hf"])
+    assert cfg.actor.parallel.dp == 2 and cfg.actor.optim.use_distributed_optimizer
+    assert cfg.actor.optim.lr == 1e-6 and cfg.actor.optim.clip_grad == 0.2  # paper values kept
+    assert cfg.actor.perf.overlap_grad_reduce
+    assert cfg.discriminator.optim.use_distributed_optimizer
