@@ -139,6 +139,35 @@ def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = 
     return [results[ref] for ref in refs]
 
 
+def bundle_resources(bundle) -> dict[str, float]:
+    """A placement `Bundle` as Ray resources."""
+    res = {"CPU": float(bundle.cpus)}
+    if bundle.gpus:
+        res["GPU"] = float(bundle.gpus)
+    if bundle.node:
+        # Ray gives every node a resource named after its address: a sliver of it pins the
+        # bundle to the node the plan chose.
+        res[f"node:{bundle.node}"] = 0.001
+    return res
+
+
+def reserve(bundles, name: str, timeout_s: float, role: str = "placement"):
+    """A Ray placement group of `bundles` (placement.Bundle), ready, or WorkerError."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    one_node = len({b.node for b in bundles}) == 1 and bool(bundles[0].node)
+    pg = placement_group([bundle_resources(b) for b in bundles],
+                         strategy="STRICT_PACK" if one_node else "PACK", name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        gpus, cpus = sum(b.gpus for b in bundles), sum(b.cpus for b in bundles)
+        raise WorkerError(role, None, f"could not reserve {len(bundles)} bundle(s) "
+                                      f"({gpus} GPUs, {cpus:g} CPUs) within {timeout_s:g}s")
+    return pg
+
+
 def _rank_info(worker: Any, rank: int) -> RankInfo:
     """Runs inside the actor (through `__ray_call__`): where this rank ended up."""
     import ray
@@ -170,12 +199,15 @@ class RayWorkerGroup:
     Ray node is on loopback) makes ranks rendezvous on 127.0.0.1 through the `lo` interface.
     `timeout_s` bounds every call; `start_timeout_s` (None: `timeout_s`) bounds the
     reservation and the constructors (loading a model can take longer than a step).
+    `pg`: the placement group a colocated placement shares with the other roles (required
+    then; the group neither creates nor removes it). Each rank's actor sits on the bundle
+    and takes the device fraction of its planned `Seat`.
     """
 
     def __init__(self, role: str, worker_cls: type, world_size: int, ctor_args: tuple = (),
                  placement=None, timeout_s: float = 600.0, env: dict | None = None, *,
                  use_gpus: bool | None = None, master_addr: str | None = None,
-                 local: bool | None = None, start_timeout_s: float | None = None):
+                 local: bool | None = None, start_timeout_s: float | None = None, pg=None):
         from gad_megatron.cluster.runtime import is_local_cluster
 
         if placement is not None and placement.world_size != world_size:
@@ -186,7 +218,10 @@ class RayWorkerGroup:
         self.use_gpus = placement.use_gpus if placement is not None else bool(use_gpus)
         self.local = is_local_cluster() if local is None else local
         self.actors: list = []
-        self.pg = None
+        if pg is None and placement is not None and placement.share > 1:
+            raise ValueError(f"{role}: a colocated placement needs the shared reservation "
+                             f"(pg=reserve(plan.bundles(COLOCATED), ...))")
+        self.pg, self.owns_pg = pg, False
         self.ranks: list[RankInfo] = []
         self.start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
         try:
@@ -206,36 +241,32 @@ class RayWorkerGroup:
     def pids(self) -> list[int]:
         return [info.pid for info in self.ranks]
 
-    def _bundle(self, rank: int) -> dict[str, float]:
-        share = self.placement.share if self.placement is not None else 1
-        bundle = {"CPU": 1.0 / share}
-        if self.use_gpus:
-            bundle["GPU"] = 1.0 / share
-        if self.placement is not None:
-            # Ray gives every node a resource named after its address: a sliver of it pins
-            # the bundle to the node the plan chose.
-            bundle[f"node:{self.placement.node_of(rank)}"] = 0.001
-        return bundle
+    def _seat(self, rank: int):
+        from gad_megatron.cluster.placement import Seat
+
+        if self.placement is None:  # unplanned: one whole device per rank, Ray packs them
+            return Seat(rank, 1.0 if self.use_gpus else 0.0, 1.0, (rank,))
+        return self.placement.seats[rank]
 
     def _reserve(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
+        from gad_megatron.cluster.placement import Bundle
 
-        one_node = self.placement is not None and self.placement.single_node()
-        self.pg = placement_group([self._bundle(r) for r in range(self.world_size)],
-                                  strategy="STRICT_PACK" if one_node else "PACK",
-                                  name=f"{self.role}-{os.getpid()}-{id(self)}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.start_timeout_s)
-        if not ready:
-            kind = "GPU" if self.use_gpus else "CPU"
-            raise WorkerError(self.role, None, f"could not reserve {self.world_size} {kind} "
-                                               f"bundle(s) within {self.start_timeout_s:g}s")
+        if self.pg is not None:
+            return  # a reservation shared with other roles (colocated), owned by the caller
+        if self.placement is not None:
+            bundles = self.placement.bundles
+        else:
+            bundles = tuple(Bundle("", 1 if self.use_gpus else 0, 1.0)
+                            for _ in range(self.world_size))
+        self.pg = reserve(bundles, f"{self.role}-{os.getpid()}-{id(self)}",
+                          self.start_timeout_s, self.role)
+        self.owns_pg = True
 
     def _strategy(self, rank: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return PlacementGroupSchedulingStrategy(placement_group=self.pg,
-                                                placement_group_bundle_index=rank)
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.pg, placement_group_bundle_index=self._seat(rank).bundle)
 
     def _rendezvous(self, master_addr: str | None) -> tuple[str, int]:
         """Rank 0's address and a free port there for this role's process group."""
@@ -272,9 +303,9 @@ class RayWorkerGroup:
 
         remote_cls = ray.remote(worker_cls)
         for rank in range(self.world_size):
-            bundle = self._bundle(rank)
+            seat = self._seat(rank)
             self.actors.append(remote_cls.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                num_cpus=seat.cpus, num_gpus=seat.gpus, max_restarts=0,
                 scheduling_strategy=self._strategy(rank),
                 runtime_env={"env_vars": self._rank_env(rank, env, addr, port)},
             ).remote(*ctor_args))
@@ -326,9 +357,9 @@ class RayWorkerGroup:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.actors = []
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:
             try:
                 remove_placement_group(self.pg)
             except Exception:  # noqa: BLE001 - Ray already shut down
                 pass
-            self.pg = None
+        self.pg = None
