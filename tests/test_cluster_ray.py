@@ -158,8 +158,9 @@ def test_a_call_past_the_timeout_names_role_and_rank(ray_local):
                            start_timeout_s=60)
     try:
         start = time.monotonic()
-        with pytest.raises(WorkerError, match=r"^discriminator rank 1 did not answer within "
-                                              r"2s \(ranks still busy: \[1\]\)"):
+        with pytest.raises(WorkerError, match=r"^discriminator rank 1 did not answer hang\(\) "
+                                              r"within 2s \(ranks still busy: \[1\]\) "
+                                              r"\(node 127\.0\.0\.1, pid \d+\)"):
             group.call_per_rank("hang", [(0.0,), (60.0,)])
         assert time.monotonic() - start < 15
     finally:

@@ -109,9 +109,10 @@ def _error_from(role: str, rank_of: dict, failures: dict) -> WorkerError:
 
 
 def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = None,
-             grace_s: float = GRACE_S) -> list:
+             grace_s: float = GRACE_S, call: str | None = None) -> list:
     """Results of `refs` in order. A failure or the timeout raises WorkerError naming the
-    role and the rank (a dead rank first, then the lowest failing rank)."""
+    role and the rank (a dead rank first, then the lowest failing rank), and on a timeout
+    the `call` that was waited for."""
     import ray
 
     ranks = ranks if ranks is not None else list(range(len(refs)))
@@ -123,7 +124,8 @@ def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = 
         left = deadline - time.monotonic()
         if left <= 0:
             late = sorted(rank_of[r] for r in pending)
-            raise WorkerError(role, late[0], f"did not answer within {timeout_s:g}s "
+            what = f" {call}()" if call else ""
+            raise WorkerError(role, late[0], f"did not answer{what} within {timeout_s:g}s "
                                              f"(ranks still busy: {late})")
         # Short polls: a dead actor's ref turns ready at once, so this is only a bound.
         ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
@@ -325,22 +327,32 @@ class RayWorkerGroup:
                              f"{self.world_size} ranks")
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
 
-    def wait(self, refs: list) -> list:
+    def wait(self, refs: list, call: str | None = None) -> list:
         """Results of refs from `call_async` (rank order). On any failure or the timeout the
-        whole group is killed, then WorkerError is raised."""
+        whole group is killed, then WorkerError is raised, naming the rank's node."""
         try:
-            return wait_for(self.role, refs, self.timeout_s)
-        except WorkerError:
+            return wait_for(self.role, refs, self.timeout_s, call=call)
+        except WorkerError as err:
+            where = self._where(err.rank)
             self.shutdown()  # peers of a failed rank would block in their next collective
-            raise
+            if where is None or "ip " in err.detail:
+                raise
+            raise WorkerError(err.role, err.rank, f"{err.detail} ({where})") from None
+
+    def _where(self, rank: int | None) -> str | None:
+        """'node ADDR, pid N' of a rank, as it reported itself at start."""
+        if rank is None or rank >= len(self.ranks):
+            return None
+        info = self.ranks[rank]
+        return f"node {info.node}, pid {info.pid}"
 
     def call(self, method: str, *args, **kwargs) -> list:
         """`method(*args, **kwargs)` on every rank; results in rank order."""
-        return self.wait(self.call_async(method, *args, **kwargs))
+        return self.wait(self.call_async(method, *args, **kwargs), call=method)
 
     def call_per_rank(self, method: str, args_per_rank: list[tuple]) -> list:
         """`method(*args_per_rank[r])` on rank r; results in rank order."""
-        return self.wait(self.call_per_rank_async(method, args_per_rank))
+        return self.wait(self.call_per_rank_async(method, args_per_rank), call=method)
 
     def _check_alive(self) -> None:
         if not self.actors:

@@ -130,7 +130,7 @@ class RayRollout:
         from gad_megatron.cluster.group import wait_for
 
         return wait_for("rollout", [self.handle.generate.remote(*args, **kwargs)],
-                        self.timeout_s)[0]
+                        self.timeout_s, call="generate")[0]
 
     def sync_from(self, actor: Role) -> None:
         from gad_megatron.cluster.group import wait_for
@@ -138,7 +138,7 @@ class RayRollout:
 
         transport = CallbackTransport(RaySender(self.handle, self.timeout_s))
         actor.call_all("sync_weights", transport, self.bucket_bytes)
-        wait_for("rollout", [self.handle.end_sync.remote()], self.timeout_s)
+        wait_for("rollout", [self.handle.end_sync.remote()], self.timeout_s, call="end_sync")
 
     def shutdown(self) -> None:
         import ray
