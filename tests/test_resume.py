@@ -60,3 +60,17 @@ def test_a_crashed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [m["step"] for m in resumed] == [3, 4, 5]
     assert resume_point(tmp_path / "run").name == "step_0000006"
     shutil.rmtree(tmp_path / "run")
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_resume_before_the_actors_first_update(tmp_path, distributed):
+    """Warmup saved during d_only_steps: the actor's Adam has never stepped (Megatron saves
+    no step 0), yet the resumed run equals the straight one."""
+    extra = ["train.d_only_steps=4",
+             f"actor.optim.use_distributed_optimizer={str(distributed).lower()}"]
+    straight = train(cfg_for(tmp_path, "straight", "warmup", *extra), backend="inline")
+    first = train(cfg_for(tmp_path, "resumed", "warmup", *extra), backend="inline",
+                  stop_after=3)
+    second = train(cfg_for(tmp_path, "resumed", "warmup", *extra), backend="inline")
+    assert [m["step"] for m in second] == [3, 4, 5]
+    assert comparable(first + second) == comparable(straight)

@@ -192,6 +192,10 @@ def save_training_state(model, optimizer, scheduler, arch: HFArch, out_dir: str 
         shutil.rmtree(optim_dir, ignore_errors=True)
         optim_dir.mkdir()
     dist.barrier()
+    # An optimizer that has not stepped yet (warmup's actor during d_only_steps) has no Adam
+    # state to save, and its checkpoint could not be loaded: give it the zeros torch would
+    # create at the first step (the same numbers, so the run is unchanged).
+    _fill_empty_adam_state(optimizer)
     model_sd = model.sharded_state_dict()
     optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
     dist_checkpointing.save({"optimizer": optim_sd}, str(optim_dir))
@@ -271,6 +275,22 @@ def _skip_torch_adam_step_on_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _restore_zero_step(loaded) -> None:
+    """Megatron 0.16.1 saves the shared Adam step only `if step:`, so a checkpoint written
+    before the first update (step 0: warmup's actor during d_only_steps) comes back without
+    any step and torch Adam's load fails with KeyError('step'). Put the 0 back."""
+    if not isinstance(loaded, dict):
+        return
+    per_param = loaded.get("state")
+    if isinstance(per_param, dict) and per_param and "common_step" not in per_param and all(
+            isinstance(v, dict) and v and "step" not in v
+            for k, v in per_param.items() if isinstance(k, int)):
+        per_param["common_step"] = torch.zeros((), dtype=torch.float32)
+    for value in loaded.values():
+        if isinstance(value, dict) and value is not per_param:
+            _restore_zero_step(value)
+
+
 def load_training_state(model, optimizer, scheduler, ckpt_dir: str | Path) -> None:
     """Collective: restore what save_training_state wrote (model at any layout; RNG only when
     the world size is unchanged)."""
@@ -286,6 +306,7 @@ def load_training_state(model, optimizer, scheduler, ckpt_dir: str | Path) -> No
     optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                           metadata=OPTIM_METADATA)}
     state = dist_checkpointing.load(optim_sd, str(ckpt / "optim"))
+    _restore_zero_step(state["optimizer"])
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
