@@ -13,8 +13,10 @@ from typing import Any
 
 from gad_megatron.data.config import DataError
 
-BAD_KINDS = ("invalid_json", "missing", "empty", "wrong_type", "non_utf8", "duplicate_id")
-"""Every kind of malformed row the readers report."""
+BAD_KINDS = ("invalid_json", "missing", "empty", "wrong_type", "non_utf8", "duplicate_id",
+             "duplicate_key", "special_token", "template")
+"""Every kind of malformed row the readers (and the encoder: `special_token`, `template`)
+report."""
 
 LENGTH_EVENTS = (
     "prompt_truncated", "prompt_skipped", "prompt_too_long",
