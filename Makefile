@@ -49,6 +49,12 @@ test-faults: setup
 	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 	$(PY) -m tests.reliability docs/reliability.md
 
+# The fuzz tests with the long budget (tests/fuzz_profiles.py: thousands of examples each;
+# `make test` runs them with the short `ci` budget).
+.PHONY: fuzz
+fuzz: setup
+	GAD_FUZZ_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_data.py tests/test_fuzz_config.py $(PYTEST_ARGS)
+
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
