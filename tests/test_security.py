@@ -247,3 +247,25 @@ def test_secrets_in_the_environment_reach_no_file_of_a_run(tmp_path, monkeypatch
     record("MLflow token/password, judge API key, HF token in the environment of a run",
            f"none of them in any of the {len(files)} files (run directory, MLflow store, "
            f"artifacts)", None, "nothing leaked")
+
+
+def test_a_judge_server_echoing_the_key_does_not_put_it_in_the_error(monkeypatch):
+    from gad_megatron.evaluation import JudgeError, OpenAIJudge
+    from tests.test_judge import FakeServer
+
+    key = SECRETS["OPENAI_API_KEY"]
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    echo = f'{{"error": "Incorrect API key provided: {key}"}}'.encode()
+    for status in (401, 200):  # a refusal, and a 200 that is not a chat completion
+        server = FakeServer(default=lambda body, s=status: (s, echo))
+        try:
+            judge = OpenAIJudge(server.url, "judge", max_retries=0, backoff_s=0)
+            with pytest.raises(JudgeError) as err:
+                judge.reference("q")
+        finally:
+            server.close()
+        assert server.headers[0]["Authorization"] == f"Bearer {key}"  # the key was sent
+        assert key not in str(err.value) and "Incorrect API key provided: ***" in str(err.value)
+        assert key not in repr(judge)
+    record("a judge endpoint that echoes the API key in its error", str(err.value)[:150], None,
+           "nothing: the key is masked in the message")
