@@ -222,7 +222,7 @@ def test_fuzzed_parquet_gives_a_dataset_or_named_errors(table, cfg, group, damag
         check_built(path, cfg, stats)
 
 
-@settings(max_examples=budget(15))
+@settings(max_examples=budget(50))
 @given(lines=st.lists(jsonl_line(), min_size=1, max_size=5))
 def test_fuzzed_file_validate_cli_exit_code_matches_its_report(lines):
     with tempfile.TemporaryDirectory() as d:
