@@ -170,17 +170,23 @@ def check_value(owner: str, name: str, value: Any) -> str | None:
     """Why `value` is not allowed for `owner.name`, or None when it is."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value!r}"
-    if isinstance(value, str):
-        from gad_megatron.tracking.redact import redact_uri
-
-        # The resolved config is written to the run directory and logged as an MLflow
-        # artifact, so a credential in it would be stored in plain text twice.
-        if redact_uri(value) != value:
-            return (f"holds a password or token ({redact_uri(value)}); give credentials in "
-                    f"the environment instead (MLflow: MLFLOW_TRACKING_USERNAME and "
-                    f"MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
     rule = RULES.get((owner, name))
     return None if rule is None else rule.problem(value)
+
+
+def credential_problem(value: Any) -> str | None:
+    """Why a job config must not hold `value` (a URI password or a token), or None.
+
+    Checked by `load_config` on the resolved job config only: the config is written to the
+    run directory and logged as an MLflow artifact, so a credential in it would be stored
+    in plain text twice. (Configs of earlier runs are still read back as they are.)"""
+    from gad_megatron.tracking.redact import redact_uri
+
+    if not isinstance(value, str) or redact_uri(value) == value:
+        return None
+    return (f"holds a password or token ({redact_uri(value)}); give credentials in the "
+            f"environment instead (MLflow: MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
 
 
 def suggest(name: str, known: list[str]) -> str | None:
