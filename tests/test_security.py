@@ -66,6 +66,19 @@ def test_pickle_weights_are_refused_by_training_and_convert(pickle_model, tmp_pa
            seconds, "nothing: no worker started, no file unpickled")
 
 
+def test_allowed_pickle_trains_from_a_safetensors_copy(pickle_model, tmp_path):
+    from gad_megatron.trainer.controller import train
+
+    model, state = pickle_model
+    cfg = small_run(tmp_path, "run", "warmup", "train.steps=1", f"model.hf_path={model}",
+                    "data.tokenizer=builtin", "tracking.enabled=false", "model.allow_pickle=true",
+                    "rollout.max_new_tokens=4")
+    assert len(train(cfg, backend="inline")) == 1
+    copy = tmp_path / "run" / "hf_weights"
+    assert [p.name for p in copy.glob("*.safetensors")] == ["model.safetensors"]
+    assert not list(copy.glob("*.bin"))
+
+
 def test_allowed_pickle_is_read_with_weights_only_into_safetensors(pickle_model, tmp_path):
     model, state = pickle_model
     copy = safe_weights_dir(model, tmp_path / "copy", allow_pickle=True)
