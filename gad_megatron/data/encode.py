@@ -43,11 +43,11 @@ class Encoder:
         if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError("template: chat, but the tokenizer has no chat_template; "
                             "use template: alpaca or a tokenizer with a chat template")
-        specials = sorted(getattr(tokenizer, "all_special_tokens", ()) or (), key=len,
-                          reverse=True)
+        self._eos_text = tokenizer.convert_ids_to_tokens(self.eos)
         # A special token's text inside a prompt would be tokenised as that token (a fake
         # role turn or an early EOS); such rows are reported, never silently re-meant.
-        self._eos_text = tokenizer.convert_ids_to_tokens(self.eos)
+        specials = sorted(getattr(tokenizer, "all_special_tokens", ()) or (), key=len,
+                          reverse=True)
         self._special = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def render(self, row: Row) -> str:
