@@ -23,8 +23,7 @@ from hypothesis import given, strategies as st
 
 from hypothesis import settings
 
-from tests import fuzz_profiles  # noqa: F401  (registers and loads the budget profile)
-from tests.fuzz_profiles import budget
+from tests.fuzz_profiles import budget  # importing it registers and loads the budget profile
 
 from gad_megatron.__main__ import main
 from gad_megatron.data import DataConfig, DataError, build_dataset, load_tokenizer, validate_files
