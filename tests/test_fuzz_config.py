@@ -194,3 +194,8 @@ def test_random_overrides_give_a_config_or_one_line_error(items):
         assert isinstance(cfg, GADConfig)
     except ConfigError as exc:
         assert "\n" not in str(exc) and str(exc).split(":")[0], exc
+
+
+def test_an_unknown_key_with_a_newline_stays_one_line(tmp_path):
+    """Found by the long fuzz (`make fuzz`): the key was printed raw."""
+    assert refusal(tmp_path, {"run": {"\n": None}}).startswith(r"unknown key '\n' in run")

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.faults
 
 TOK = load_tokenizer("builtin")
 FIELDS = ("id", "prompt", "messages", "content", "teacher_response", "extra")
-_ROW = re.compile(r"^(?P<path>.+?) row (?P<row>\d+)(, field '(?P<field>[^']*)')?: .+")
+_ROW = re.compile(r"^(?P<path>.+?) row (?P<row>\d+)(, field .+?)?: .+")
 
 # --- strategies ------------------------------------------------------------------------------
 good_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=30)
@@ -57,7 +57,7 @@ record_st = st.fixed_dictionaries({}, optional={
 def jsonl_line(draw) -> bytes:
     """One line (it may hold newlines itself, which makes several lines)."""
     kind = draw(st.sampled_from(["record", "record", "record", "bytes", "mutated", "dupkey",
-                                 "deep", "bigint"]))
+                                 "dupkey_msg", "deep", "bigint"]))
     if kind == "bytes":
         return draw(st.binary(max_size=40))
     if kind == "deep":
@@ -68,10 +68,12 @@ def jsonl_line(draw) -> bytes:
             b'"teacher_response": "r"}'
     rec = draw(record_st)
     text = json.dumps(rec, ensure_ascii=draw(st.booleans()), allow_nan=True)
-    if kind == "dupkey":  # a repeated key, at the top or inside a message
-        key = draw(st.sampled_from(FIELDS + ("role",)))
-        text = "{" + json.dumps(key) + ": " + json.dumps(draw(json_value)) + ", " + text[1:] \
-            if text != "{}" else "{" + f'"{key}": 1, "{key}": 2' + "}"
+    key = json.dumps(draw(st.sampled_from(FIELDS) | st.text(max_size=4)))
+    pair = f"{key}: {json.dumps(draw(json_value))}, {key}: {json.dumps(draw(json_value))}"
+    if kind == "dupkey":  # a key repeated at the top level
+        text = "{" + pair + (", " + text[1:] if text != "{}" else "}")
+    if kind == "dupkey_msg":  # a key repeated inside a chat message
+        text = '{"messages": [{"role": "user", ' + pair + '}], "teacher_response": "r"}'
     data = text.encode("utf-8", "surrogatepass")
     if kind == "mutated":
         at = draw(st.integers(0, len(data)))
@@ -103,6 +105,7 @@ def check_validated(stats, path: str, rows: int | None) -> None:
     assert len(fs.messages) == problems
     reported = []
     for m in fs.messages:
+        assert "\n" not in m, m  # one line each, whatever the data holds
         got = _ROW.match(m)
         assert got and got["path"] == path, m
         reported.append(int(got["row"]))

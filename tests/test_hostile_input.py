@@ -141,3 +141,16 @@ def test_every_new_kind_is_listed_in_the_report(tmp_path):
     stats = validate_files([path], DataConfig())
     assert "bad duplicate_key: 1" in stats.summary() and not stats.ok
     assert json.loads(json.dumps(stats.to_dict()))["bad"] == {"duplicate_key": 1}
+
+
+def test_messages_stay_one_line_whatever_the_data_holds(tmp_path, tok):
+    """Found by the long fuzz: a repeated key '\\r' (and a role with a newline) broke the
+    message over lines, so `data validate` printed half a row's report on the next line."""
+    path = jsonl(tmp_path, b'{"\\r": 1, "\\r": 2}')
+    fs = validate_files([path], DataConfig(), tok).files[path]
+    assert fs.messages == [f"{path} row 2, field '\\r': key '\\r' appears more than once "
+                           "in one JSON object"]
+    path = jsonl(tmp_path, b'{"messages": [{"role": "a\\nb", "content": "x"}], '
+                           b'"teacher_response": "r"}')
+    (message,) = validate_files([path], DataConfig(), tok).files[path].messages
+    assert "\n" not in message and message.endswith("(built-in chat template: unknown role a b)")

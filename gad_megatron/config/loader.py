@@ -81,7 +81,7 @@ def _unknown_keys(unknown: list[str], known: list[str], where: str) -> ConfigErr
     parts = []
     for name in unknown:
         best = suggest(name, known)
-        parts.append(f"unknown key '{name}' in {where}"
+        parts.append(f"unknown key {name!r} in {where}"
                      + (f"; did you mean '{best}'?" if best else ""))
     return ConfigError("; ".join(parts) + f" (known: {', '.join(known)})")
 

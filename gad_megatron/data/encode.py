@@ -118,8 +118,9 @@ class Encoder:
         try:
             return self.render(row)
         except DataError as exc:
+            reason = " ".join(str(exc.__cause__ or exc).split())  # one line: roles are data
             return BadRow(row.source, row.row, "template", row.prompt_field,
-                          f"chat template failed ({exc.__cause__ or exc})")
+                          f"chat template failed ({reason[:300]})")
 
     def _limit_prompt(self, row: Row, ids: list[int], stats: DataStats,
                       strict: bool) -> list[int] | None:

@@ -41,8 +41,13 @@ class BadRow:
 
     @property
     def message(self) -> str:
+        """One line, whatever the data holds (a field name from the file may hold a newline)."""
         where = f"{self.source} row {self.row}"
-        return f"{where}, field '{self.field}': {self.detail}" if self.field else f"{where}: {self.detail}"
+        if not self.field:
+            return f"{where}: {self.detail}"
+        plain = self.field.isprintable() and "'" not in self.field
+        shown = f"'{self.field}'" if plain else repr(self.field)
+        return f"{where}, field {shown}: {self.detail}"
 
 
 @dataclass
