@@ -24,7 +24,7 @@ stage_cmd = $(GAD) train $(or $(3),$(CONFIG)) --backend $(BACKEND) train.stage=$
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
-.PHONY: setup test test-faults test-gpu bench task warmup gad seqkd eval export demo clean setup-gpu bench-gpu
+.PHONY: setup test test-faults fuzz test-gpu bench task warmup gad seqkd eval export demo clean setup-gpu bench-gpu
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ test: setup
 test-faults: setup
 	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 	$(PY) -m tests.reliability docs/reliability.md
+
+# The fuzz tests with the long budget (tests/fuzz_profiles.py: thousands of examples each;
+# `make test` runs them with the short `ci` budget).
+fuzz: setup
+	GAD_FUZZ_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_data.py tests/test_fuzz_config.py $(PYTEST_ARGS)
 
 # ---- GPU machines: their own venv over the system site-packages, keeping the CUDA torch
 # there; one lock per rollout engine (gad_megatron/envsetup.py decides and refuses).

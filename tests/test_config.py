@@ -41,10 +41,10 @@ def test_yaml_then_key_value_overrides_are_typed(tmp_path):
     (["train.stage=gad", "rollout.n=1"], "rollout.n must be >= 2 in the gad stage"),
     (["rollout.engine=vllm"], "rollout.engine='vllm' needs the 'vllm' package, which is not "
                               "installed"),
-    (["actor.optimizer.lr=1"], "actor: unknown key(s) ['optimizer']"),
+    (["actor.optimizer.lr=1"], "unknown key 'optimizer' in actor; did you mean 'optim'?"),
     (["train.steps=ten"], "train.steps: expected int, got 'ten'"),
-    (["actor.parallel.tp=0"], "tp must be a positive integer, got 0"),
-    (["actor.policy_loss=dpo"], "policy_loss must be one of ['gspo', 'ppo'], got 'dpo'"),
+    (["actor.parallel.tp=0"], "actor.parallel.tp: must be >= 1, got 0"),
+    (["actor.policy_loss=dpo"], "actor.policy_loss: 'dpo' is not one of ['gspo', 'ppo']"),
     (["trainsteps"], "override 'trainsteps' is not of the form key=value"),
 ])
 def test_bad_settings_are_refused_with_one_message(overrides, message):

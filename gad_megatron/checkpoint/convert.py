@@ -76,15 +76,27 @@ def run_ranks(fn, world: int, args: tuple) -> None:
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                   dtype: str | None = None) -> Path:
-    """Convert an HF model directory to a Megatron distributed checkpoint at (tp, pp)."""
+                   dtype: str | None = None, allow_pickle: bool = False) -> Path:
+    """Convert an HF model directory to a Megatron distributed checkpoint at (tp, pp).
+    Pickle-only weights are refused unless `allow_pickle` (then read with weights_only=True
+    into a temporary safetensors copy beside `out_dir`)."""
+    import shutil
+    import tempfile
+
     from gad_megatron.models.hf_config import check_parallel
-    from gad_megatron.checkpoint.hf_io import HFTensorIndex
+    from gad_megatron.checkpoint.hf_io import HFTensorIndex, safe_weights_dir
 
     arch = read_hf_config(hf_dir)
     check_parallel(arch, tp, pp)
-    HFTensorIndex(hf_dir).check_against(arch)  # fail before spawning anything
-    run_ranks(hf_to_megatron_rank, tp * pp, (str(hf_dir), str(out_dir), tp, pp, dtype))
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(out_dir).name}.weights-",
+                                    dir=Path(out_dir).parent))
+    try:
+        hf_dir = safe_weights_dir(hf_dir, scratch / "hf", allow_pickle)
+        HFTensorIndex(hf_dir).check_against(arch)  # fail before spawning anything
+        run_ranks(hf_to_megatron_rank, tp * pp, (str(hf_dir), str(out_dir), tp, pp, dtype))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return Path(out_dir)
 
 

@@ -29,12 +29,69 @@ class CheckpointMismatch(ValueError):
     """The HF files and the architecture disagree (missing, extra or wrong-shaped tensor)."""
 
 
+class PickleRefused(CheckpointMismatch):
+    """An HF directory holds its weights only as pickle files (`pytorch_model*.bin`), and
+    loading pickles was not allowed."""
+
+
 def _safetensor_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
+        if _pickle_files(model_dir):
+            raise PickleRefused(_pickle_message(model_dir))
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files (only safetensors "
                                 "checkpoints are loaded; convert .bin files first)")
     return files
+
+
+def _pickle_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def _pickle_message(model_dir: Path) -> str:
+    names = ", ".join(p.name for p in _pickle_files(model_dir))
+    return (f"{model_dir}: weights only as pickle ({names}), refused: unpickling a file can "
+            f"run any code in it. Convert it to safetensors, or allow it with "
+            f"model.allow_pickle=true (convert: --allow-pickle), which loads it with "
+            f"torch.load(weights_only=True) into a safetensors copy")
+
+
+def safe_weights_dir(model_dir: str | Path, copy_dir: str | Path, allow_pickle: bool) -> Path:
+    """`model_dir` when it has safetensors weights. A directory with pickle weights only is
+    refused unless `allow_pickle`; then they are read once with `torch.load(weights_only=
+    True)` (tensors only, no code) into a safetensors copy at `copy_dir` (config and
+    tokenizer files copied too), which is returned: nothing later unpickles anything."""
+    model_dir, copy_dir = Path(model_dir), Path(copy_dir)
+    if any(model_dir.glob("*.safetensors")) or not _pickle_files(model_dir):
+        return model_dir
+    if not allow_pickle:
+        raise PickleRefused(_pickle_message(model_dir))
+    newest = max(p.stat().st_mtime for p in _pickle_files(model_dir))
+    done = copy_dir / "config.json"
+    if done.is_file() and done.stat().st_mtime >= newest:
+        return copy_dir  # converted by an earlier start of this run
+    tensors = _load_pickles(model_dir)
+    from gad_megatron.models.hf_config import read_hf_config
+
+    save_hf_dir(iter(tensors.items()), read_hf_config(model_dir), copy_dir,
+                tokenizer_src=model_dir)
+    return copy_dir
+
+
+def _load_pickles(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _pickle_files(model_dir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError names what weights_only refused
+            raise CheckpointMismatch(f"{path}: refused by torch.load(weights_only=True) "
+                                     f"({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                                     ) from None
+        if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise CheckpointMismatch(f"{path}: not a state dict of named tensors")
+        tensors.update(state)
+    return tensors
 
 
 class HFTensorIndex:

@@ -8,7 +8,8 @@ import argparse
 def _hf_to_megatron(args: argparse.Namespace) -> int:
     from gad_megatron.checkpoint.convert import hf_to_megatron
 
-    out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                         allow_pickle=args.allow_pickle)
     print(f"wrote Megatron checkpoint (tp={args.tp}, pp={args.pp}) to {out}")
     return 0
 
@@ -31,6 +32,9 @@ def register(sub) -> None:
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to shard for")
     a.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="parameter dtype (default: the HF checkpoint's torch_dtype)")
+    a.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle-only weights (pytorch_model*.bin), read with "
+                        "torch.load(weights_only=True); refused without it")
     a.set_defaults(func=_hf_to_megatron)
     b = conv.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF directory")
     b.add_argument("--ckpt", required=True, help="checkpoint directory written by this project")

@@ -13,9 +13,17 @@ from gad_megatron.config.schema import (
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> GADConfig:
     """The resolved, validated config of a job. Raises ConfigError naming the bad key."""
+    from gad_megatron.config.rules import credential_problem
+
     tree = read_yaml(path) if path else {}
     tree = merge(tree, parse_overrides(list(overrides)))
-    return build(GADConfig, tree)
+    cfg = build(GADConfig, tree)
+    for key, value in flatten(to_dict(cfg)).items():
+        values = value if isinstance(value, list) else [value]
+        problem = next((p for v in values if (p := credential_problem(v))), None)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+    return cfg
 
 
 def check_against_model(cfg: GADConfig, arch) -> None:

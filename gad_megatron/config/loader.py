@@ -40,11 +40,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (item,) = typing.get_args(hint)[:1] or (str,)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:
             return hint(value)
-        except ValueError:
+        except (ValueError, TypeError):
             raise ConfigError(f"{key}: {value!r} is not one of "
                               f"{[m.value for m in hint]}") from None
     if hint is bool:
@@ -56,28 +58,53 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return False
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if hint in (int, float, str):
-        try:
-            if hint is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return hint(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        return _scalar(value, hint, key)
     return value
 
 
+def _scalar(value: Any, hint: type, key: str) -> Any:
+    # YAML gives bools, lists and mappings as such; int(True) or str([1]) would quietly
+    # turn them into a number or a string nobody wrote.
+    if isinstance(value, bool) or isinstance(value, (dict, list, tuple, set)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    try:
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return hint(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+
+
+def _unknown_keys(unknown: list[str], known: list[str], where: str) -> ConfigError:
+    from gad_megatron.config.rules import suggest
+
+    parts = []
+    for name in unknown:
+        best = suggest(name, known)
+        parts.append(f"unknown key {name!r} in {where}"
+                     + (f"; did you mean '{best}'?" if best else ""))
+    return ConfigError("; ".join(parts) + f" (known: {', '.join(known)})")
+
+
 def build(cls: type, values: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a (nested) mapping of overrides."""
+    """Instantiate dataclass `cls` from a (nested) mapping of overrides. Every value is
+    typed and checked against its rule (config/rules.py) as it is read, so the error names
+    the full key; the dataclass then checks its cross-field conditions."""
+    from gad_megatron.config.rules import check_value
+
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(str(k) for k in values if k not in fields)
     if unknown:
-        where = prefix or "config"
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        raise _unknown_keys(unknown, sorted(fields), prefix or "config")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key)
+        problem = check_value(cls.__name__, name, kwargs[name])
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
     try:
         return cls(**kwargs)
     except ConfigError:

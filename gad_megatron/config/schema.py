@@ -49,6 +49,11 @@ class ModelConfig:
     """Embedded default only: transformer layers of the tiny student."""
     tiny_hidden: int = 64
     """Embedded default only: hidden size of the tiny student."""
+    allow_pickle: bool = False
+    """Accept an hf_path whose weights are only pickle files (`pytorch_model*.bin`). Off by
+    default: unpickling can run any code the file holds. When on, the files are read once
+    with `torch.load(weights_only=True)` (tensors only) into a safetensors copy in the run
+    directory, which every worker and the rollout engine then load."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

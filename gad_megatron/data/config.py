@@ -113,7 +113,13 @@ class DataConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise DataError(f"data config: unknown field(s) {unknown}; known: {sorted(known)}")
+            import difflib
+
+            hints = [f"'{u}': did you mean '{m[0]}'?" for u in unknown
+                     if (m := difflib.get_close_matches(u, sorted(known), n=1))]
+            raise DataError(f"data config: unknown field(s) {unknown}"
+                            + (f" ({'; '.join(hints)})" if hints else "")
+                            + f"; known: {sorted(known)}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> "DataConfig":

@@ -7,6 +7,7 @@ produce. Every answer ends with the EOS id (appended unless already last).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from gad_megatron.data.config import DataConfig, DataError
 from gad_megatron.data.readers import Row
-from gad_megatron.data.stats import DataStats
+from gad_megatron.data.stats import BadRow, DataStats
 from gad_megatron.data.tokenizer import eos_id
 
 ALPACA_TEMPLATE = (
@@ -42,6 +43,12 @@ class Encoder:
         if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError("template: chat, but the tokenizer has no chat_template; "
                             "use template: alpaca or a tokenizer with a chat template")
+        self._eos_text = tokenizer.convert_ids_to_tokens(self.eos)
+        # A special token's text inside a prompt would be tokenised as that token (a fake
+        # role turn or an early EOS); such rows are reported, never silently re-meant.
+        specials = sorted(getattr(tokenizer, "all_special_tokens", ()) or (), key=len,
+                          reverse=True)
+        self._special = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def render(self, row: Row) -> str:
         """The prompt text the student sees, ending where its answer starts."""
@@ -62,13 +69,24 @@ class Encoder:
 
         `strict_lengths` raises on the first over-long row whose policy is `error` (when
         building a dataset); otherwise such rows are counted as `*_too_long` (validation).
+        A row whose prompt cannot be rendered is a bad row (raised under on_bad_row=error).
         """
         tok = self.tokenizer
-        prompts = [self.render(r) for r in rows]
+        rendered = [(r, self._render_checked(r)) for r in rows]
+        for r, text in rendered:
+            if isinstance(text, BadRow):
+                stats.add_bad(text)
+        rows = [r for r, text in rendered if not isinstance(text, BadRow)]
+        prompts = [text for _, text in rendered if not isinstance(text, BadRow)]
+        if not rows:
+            return []
         # The chat template writes its own BOS; the Alpaca text relies on the tokenizer's.
         add_special = self.cfg.template == "alpaca"
         p_ids = tok(prompts, add_special_tokens=add_special)["input_ids"]
-        r_ids = tok([r.response for r in rows], add_special_tokens=False)["input_ids"]
+        # The answer is plain text: a special token's text inside it stays text (no early
+        # EOS); only a trailing EOS text is taken as the EOS it means.
+        r_ids = tok([self._strip_eos(r.response) for r in rows], add_special_tokens=False,
+                    split_special_tokens=True)["input_ids"]
         out = []
         for row, p, r in zip(rows, p_ids, r_ids):
             if not r or r[-1] != self.eos:
@@ -80,6 +98,29 @@ class Encoder:
             stats.file(row.source).kept += 1
             out.append(Encoded(row.key, np.asarray(p, np.int32), np.asarray(r, np.int32)))
         return out
+
+    def _strip_eos(self, text: str) -> str:
+        if self._eos_text and text.endswith(self._eos_text):
+            return text[:-len(self._eos_text)]
+        return text
+
+    def _render_checked(self, row: Row) -> str | BadRow:
+        """The rendered prompt, or the BadRow saying why the row's prompt cannot be used."""
+        if self._special is not None:
+            texts = ([(row.prompt_field, row.prompt)] if row.messages is None else
+                     [(f"{row.prompt_field}[{i}].{key}", m[key])
+                      for i, m in enumerate(row.messages) for key in ("role", "content")])
+            for name, text in texts:
+                hit = self._special.search(text or "")
+                if hit:
+                    return BadRow(row.source, row.row, "special_token", name,
+                                  f"contains the tokenizer's special token {hit.group()!r}")
+        try:
+            return self.render(row)
+        except DataError as exc:
+            reason = " ".join(str(exc.__cause__ or exc).split())  # one line: roles are data
+            return BadRow(row.source, row.row, "template", row.prompt_field,
+                          f"chat template failed ({reason[:300]})")
 
     def _limit_prompt(self, row: Row, ids: list[int], stats: DataStats,
                       strict: bool) -> list[int] | None:

@@ -89,7 +89,11 @@ def _jsonl_records(path: str, chunk_rows: int) -> Iterator[list[tuple[int, Any]]
     # failing the whole file; surrogateescape keeps the line parseable so the check can
     # still name the field that holds the bad bytes.
     chunk: list[tuple[int, Any]] = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -97,12 +101,7 @@ def _jsonl_records(path: str, chunk_rows: int) -> Iterator[list[tuple[int, Any]]
                 text, bad_utf8 = raw.decode("utf-8"), False
             except UnicodeDecodeError:
                 text, bad_utf8 = raw.decode("utf-8", "surrogateescape"), True
-            try:
-                chunk.append((lineno, json.loads(text)))
-            except json.JSONDecodeError as exc:
-                kind, detail = (("non_utf8", "line is not valid UTF-8") if bad_utf8
-                                else ("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"))
-                chunk.append((lineno, BadRow(path, lineno, kind, None, detail)))
+            chunk.append((lineno, _parse_line(text, path, lineno, bad_utf8)))
             if len(chunk) >= chunk_rows:
                 yield chunk
                 chunk = []
@@ -110,27 +109,90 @@ def _jsonl_records(path: str, chunk_rows: int) -> Iterator[list[tuple[int, Any]]
         yield chunk
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated keys silently, other readers the first: a row
+    # whose meaning depends on the reader is refused instead.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _parse_line(text: str, path: str, lineno: int, bad_utf8: bool) -> Any:
+    """The line's JSON value, or a BadRow saying why it has none."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        return BadRow(path, lineno, "duplicate_key", exc.key,
+                      f"key {exc.key!r} appears more than once in one JSON object")
+    except RecursionError:  # the C decoder stops at Python's recursion limit
+        return BadRow(path, lineno, "invalid_json", None, "invalid JSON: nested too deeply")
+    except json.JSONDecodeError as exc:
+        if bad_utf8:
+            return BadRow(path, lineno, "non_utf8", None, "line is not valid UTF-8")
+        return BadRow(path, lineno, "invalid_json",
+                      None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+    except ValueError as exc:  # e.g. an integer of more digits than int() converts
+        return BadRow(path, lineno, "invalid_json", None,
+                      f"invalid JSON: {str(exc).split(';')[0]}")
+
+
 def _parquet_records(path: str, cfg: DataConfig) -> Iterator[list[tuple[int, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
     except Exception as exc:  # pyarrow raises several types for a corrupt/non-Parquet file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
     wanted = [*cfg.prompt_fields, cfg.response_field, cfg.id_field]
-    columns = [c for c in pf.schema_arrow.names if c in wanted]
+    for name in wanted:
+        if names.count(name) > 1:  # which copy holds the data would be a guess
+            raise DataError(f"{path}: column '{name}' appears {names.count(name)} times; "
+                            f"column names must be unique")
+    columns = [c for c in names if c in wanted]
     start = 0
     if not columns:  # no needed column at all: every row reports its missing fields
         for n in (pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)):
             yield [(start + i, {}) for i in range(n)]
             start += n
         return
-    for batch in pf.iter_batches(batch_size=cfg.read_batch_rows, columns=columns):
+    batches = pf.iter_batches(batch_size=cfg.read_batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:  # a damaged page, found only when read
+            raise DataError(f"{path}: unreadable from row {start} on "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                            ) from None
+        if batch is None:
+            return
         cols = {name: _column_values(batch.column(name)) for name in batch.schema.names}
-        # A null is reported as a missing field, like an absent JSON key.
-        yield [(start + i, {k: v[i] for k, v in cols.items() if v[i] is not None})
+        yield [(start + i, _parquet_record(path, start + i, cols, i))
                for i in range(batch.num_rows)]
         start += batch.num_rows
+
+
+def _parquet_record(path: str, row: int, cols: dict[str, list[Any]], i: int) -> Any:
+    rec = {}
+    for name, values in cols.items():
+        value = values[i]
+        if value is _UNDECODABLE:
+            return BadRow(path, row, "non_utf8", name, "not valid UTF-8 (in a nested value)")
+        if value is not None:  # a null is reported as a missing field, like an absent key
+            rec[name] = value
+    return rec
+
+
+_UNDECODABLE = object()  # a nested value holding a string that is not UTF-8
 
 
 def _column_values(column) -> list[Any]:
@@ -142,12 +204,23 @@ def _column_values(column) -> list[Any]:
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
+        pass
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         # A string column written without UTF-8 checks: decode per value so the row check
-        # can name the row instead of the whole batch failing.
+        # can name the row and the byte instead of the whole batch failing.
         as_bytes = column.cast(pa.large_binary() if pa.types.is_large_string(column.type)
                                else pa.binary())
         return [None if b is None else b.decode("utf-8", "surrogateescape")
                 for b in as_bytes.to_pylist()]
+    # Nested (e.g. chat messages): convert row by row; only the undecodable rows are bad.
+    return [_scalar_value(column[i]) for i in range(len(column))]
+
+
+def _scalar_value(scalar) -> Any:
+    try:
+        return scalar.as_py()
+    except UnicodeDecodeError:
+        return _UNDECODABLE
 
 
 def check_record(rec: Any, source: str, row: int, cfg: DataConfig) -> Row | BadRow:

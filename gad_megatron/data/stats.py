@@ -13,8 +13,10 @@ from typing import Any
 
 from gad_megatron.data.config import DataError
 
-BAD_KINDS = ("invalid_json", "missing", "empty", "wrong_type", "non_utf8", "duplicate_id")
-"""Every kind of malformed row the readers report."""
+BAD_KINDS = ("invalid_json", "missing", "empty", "wrong_type", "non_utf8", "duplicate_id",
+             "duplicate_key", "special_token", "template")
+"""Every kind of malformed row the readers (and the encoder: `special_token`, `template`)
+report."""
 
 LENGTH_EVENTS = (
     "prompt_truncated", "prompt_skipped", "prompt_too_long",
@@ -39,8 +41,13 @@ class BadRow:
 
     @property
     def message(self) -> str:
+        """One line, whatever the data holds (a field name from the file may hold a newline)."""
         where = f"{self.source} row {self.row}"
-        return f"{where}, field '{self.field}': {self.detail}" if self.field else f"{where}: {self.detail}"
+        if not self.field:
+            return f"{where}: {self.detail}"
+        plain = self.field.isprintable() and "'" not in self.field
+        shown = f"'{self.field}'" if plain else repr(self.field)
+        return f"{where}, field {shown}: {self.detail}"
 
 
 @dataclass

@@ -116,7 +116,11 @@ class OpenAIJudge:
             except ValueError as exc:
                 reason = f"unusable answer ({exc})"
         raise JudgeError(f"judge {self.url}: gave up after {self.max_retries + 1} attempt(s): "
-                         f"{reason}")
+                         f"{self._mask(reason)}")
+
+    def _mask(self, text: str) -> str:
+        # Error bodies are quoted in messages, and some servers echo the key they refused.
+        return text.replace(self._api_key, "***") if self._api_key else text
 
     def _post(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
@@ -133,7 +137,7 @@ class OpenAIJudge:
             if exc.code in RETRY_STATUS:
                 raise _Retryable(f"HTTP {exc.code} {detail}") from None
             # 4xx (bad key, unknown model, bad request): retrying cannot help.
-            raise JudgeError(f"judge {self.url}: HTTP {exc.code} {detail}") from None
+            raise JudgeError(f"judge {self.url}: HTTP {exc.code} {self._mask(detail)}") from None
         except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout, reset
             raise _Retryable(f"cannot reach the endpoint ({getattr(exc, 'reason', exc)})") \
                 from None

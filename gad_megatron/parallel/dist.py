@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,35 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_STORES: dict[tuple[str, int], "dist.TCPStore"] = {}
+
+
+def _loopback_store(rank: int, world: int):
+    """The rendezvous store when MASTER_ADDR is a loopback address, else None (env://).
+
+    torch's own rank-0 TCPStore listens on every interface ('::') whatever MASTER_ADDR
+    says; here rank 0 binds the listening socket to MASTER_ADDR itself and hands it over,
+    so a local job opens no port beyond loopback. One store per address and port in a
+    process, as env:// does (multi-tenant), so a re-initialised group reuses it."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not addr.startswith("127.") or not port:
+        return None
+    key = (addr, int(port))
+    if key not in _STORES:
+        timeout = datetime.timedelta(minutes=30)  # init_process_group's default
+        if rank != 0:
+            _STORES[key] = dist.TCPStore(addr, key[1], world, is_master=False, timeout=timeout)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(key)
+            sock.listen(1024)
+            # detach: the store owns the descriptor from here on.
+            _STORES[key] = dist.TCPStore(addr, key[1], world, is_master=True,
+                                         master_listen_fd=sock.detach(), timeout=timeout)
+    return _STORES[key]
+
+
 def init_distributed(layout: ParallelLayout, seed: int = 1234) -> None:
     """Start the process group (if needed) and Megatron's parallel state for `layout`.
 
@@ -60,7 +91,8 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234) -> None:
             pin_loopback_env(free_port())
         if not on_cpu:
             torch.cuda.set_device(device())
-        dist.init_process_group("gloo" if on_cpu else "nccl", rank=rank, world_size=world)
+        dist.init_process_group("gloo" if on_cpu else "nccl", rank=rank, world_size=world,
+                                store=_loopback_store(rank, world))
     if dist.get_world_size() != layout.world_size:
         raise ValueError(
             f"parallel layout tp={layout.tp} pp={layout.pp} dp={layout.dp} needs "

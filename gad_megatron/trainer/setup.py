@@ -91,8 +91,12 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
 
     out = Path(cfg.run.out_dir)
     if cfg.model.hf_path:
+        from gad_megatron.checkpoint.hf_io import safe_weights_dir
+
         hf_dir = Path(cfg.model.hf_path)
         tokenizer = load_tokenizer(cfg.data.tokenizer or str(hf_dir))
+        # Pickle-only weights: refused, or (model.allow_pickle) a safetensors copy is used.
+        hf_dir = safe_weights_dir(hf_dir, out / "hf_weights", cfg.model.allow_pickle)
     else:
         tokenizer = load_tokenizer(cfg.data.tokenizer or "builtin")
         hf_dir = write_tiny_model(out / TINY_DIR, cfg, tokenizer)
