@@ -47,7 +47,7 @@ def test_key_value_overrides_reach_the_data_settings(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["--student", "/nonexistent/model", "--test", "x.jsonl"], "not an HF model directory"),
-    (["--run", "/nonexistent/run", "--test", "x.jsonl"], "no complete checkpoint"),
+    (["--run", "/nonexistent/run", "--test", "x.jsonl"], "--run=/nonexistent/run: no such run"),
 ])
 def test_bad_paths_fail_with_one_line(args, needle, capsys):
     assert cli.main(["eval", *args]) != 0
