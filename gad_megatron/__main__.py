@@ -13,9 +13,17 @@ import sys
 # Order here is the order in `--help`.
 COMMANDS = ("convert", "data", "train", "eval", "export", "demo")
 
+DESCRIPTION = """Generative adversarial distillation (GAD) of a black-box teacher's answers into
+an open student model, on Megatron-Core workers coordinated by Ray.
+
+Typical use: `demo` runs the whole job on a built-in task; `data validate` checks your
+teacher-answer files; `train CONFIG train.stage=warmup` then `train.stage=gad` trains;
+`eval` and `export` read a run directory. `COMMAND --help` tells more."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gad_megatron", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gad_megatron", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"gad_megatron.cli.{name}").register(sub)
@@ -32,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130  # the shell's code for SIGINT; the trainer has said where it stopped
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         # One clear line for the user; the traceback only with GAD_DEBUG=1.
         import os

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from gad_megatron.trainer.controller import resume_point, train
+from gad_megatron.trainer.checkpoints import find_resume as resume_point
+from gad_megatron.trainer.controller import train
 from tests.tiny_models import small_run
 
 
@@ -53,7 +54,7 @@ def test_a_crashed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, backend="inline")  # runs steps 3..5, dies saving step 6
     assert resume_point(tmp_path / "run").name == "step_0000003"
-    assert (tmp_path / "run" / "checkpoints" / "step_0000006" / "actor").exists()  # partial
+    assert (tmp_path / "run" / "checkpoints" / ".step_0000006.partial" / "actor").exists()
     monkeypatch.setattr(discriminator.DiscriminatorWorker, "save", real_save)
     resumed = train(cfg, backend="inline")
     assert [m["step"] for m in resumed] == [3, 4, 5]

@@ -47,10 +47,16 @@ class HFTensorIndex:
         self._files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for path in _safetensor_files(self.model_dir):
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    self._files[key] = path
-                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        self._files[key] = path
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            except Exception as exc:  # safetensors' own error type is not a ValueError
+                if isinstance(exc, CheckpointMismatch):
+                    raise
+                raise CheckpointMismatch(f"{path}: not a readable safetensors file "
+                                         f"(truncated or damaged? {exc})") from None
         self._handles: dict[Path, object] = {}
 
     def get(self, name: str) -> torch.Tensor:

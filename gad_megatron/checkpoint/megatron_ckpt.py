@@ -54,6 +54,12 @@ def _shared_tmpdir(out: Path) -> Path:
     return Path(name[0])
 
 
+def _file_sizes(root: Path) -> dict[str, int]:
+    """Every file under `root` with its size, for the completeness check on load."""
+    return {str(p.relative_to(root)): p.stat().st_size
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def save_model_checkpoint(model, arch: HFArch, out_dir: str | Path, tp: int, pp: int,
                           tokenizer_src: str | Path | None = None) -> Path:
     """Collective: save this model's shards (all ranks) as a Megatron dist checkpoint."""
@@ -72,7 +78,7 @@ def save_model_checkpoint(model, arch: HFArch, out_dir: str | Path, tp: int, pp:
             copy_tokenizer_files(tokenizer_src, tmp)
             dtype = str(next(model.parameters()).dtype).replace("torch.", "")
             meta = {"format": FORMAT, "tp": tp, "pp": pp, "dtype": dtype,
-                    "megatron_core": package_info.__version__}
+                    "megatron_core": package_info.__version__, "files": _file_sizes(tmp)}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # last: marks it complete
             if out.exists():
                 shutil.rmtree(out)
@@ -91,9 +97,19 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[dict, HFArch]:
     marker = ckpt / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{ckpt}: not a complete gad-megatron checkpoint (no {MARKER})")
-    meta = json.loads(marker.read_text())
+    try:
+        meta = json.loads(marker.read_text())
+    except ValueError:
+        raise CheckpointError(f"{marker}: not valid JSON (a damaged checkpoint)") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{marker}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for rel, size in meta.get("files", {}).items():  # absent in checkpoints before v0.1.1
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint, {path} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{ckpt}: damaged checkpoint, {path} has "
+                                  f"{path.stat().st_size} bytes, {MARKER} says {size}")
     arch = parse_hf_config(json.loads((ckpt / "hf_config.json").read_text()))
     return meta, arch
 

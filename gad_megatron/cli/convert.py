@@ -36,5 +36,6 @@ def register(sub) -> None:
     b.add_argument("--ckpt", required=True, help="checkpoint directory written by this project")
     b.add_argument("--out", required=True, help="output HF directory")
     b.add_argument("--tp", type=int, default=1, help="ranks to load with (any layout works)")
-    b.add_argument("--pp", type=int, default=1)
+    b.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages to load with (any layout works)")
     b.set_defaults(func=_megatron_to_hf)

@@ -26,8 +26,10 @@ def _demo(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="built-in task -> warmup -> gad -> evaluation, on CPU")
     p.add_argument("--out", default="runs/demo", help="job directory")
-    p.add_argument("--warmup-steps", type=int, default=150)
-    p.add_argument("--gad-steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=150,
+                   help="steps of the warmup stage (SFT + discriminator; default 150)")
+    p.add_argument("--gad-steps", type=int, default=100,
+                   help="steps of the gad stage, and of the SeqKD baseline (default 100)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the equal-step seqkd baseline run")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both stages")

@@ -65,7 +65,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
     disc_ckpt = Path(args.discriminator) if args.discriminator else None
     run_dir, step = None, 0
     if args.run:
-        ckpt = latest_checkpoint(args.run)
+        ckpt = latest_checkpoint(args.run, "--run")
         run_dir = Path(args.run) if (Path(args.run) / "checkpoints").is_dir() \
             else ckpt.parent.parent
         data, disc_cfg = _sections(args, read_run_config(run_dir))

@@ -10,7 +10,7 @@ def _export(args: argparse.Namespace) -> int:
     from gad_megatron.checkpoint.convert import megatron_to_hf
     from gad_megatron.trainer.setup import latest_checkpoint
 
-    ckpt = latest_checkpoint(args.run)
+    ckpt = latest_checkpoint(args.run, "--run")
     out = Path(args.out) if args.out else Path(args.run) / "export" / "student"
     megatron_to_hf(ckpt / "actor", out)
     print(f"student ({ckpt.name}) written as a Hugging Face model to {out}")

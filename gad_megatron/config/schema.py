@@ -179,7 +179,19 @@ class TrainConfig:
     keep_last: int = 3
     """Checkpoints kept."""
     resume: bool = True
-    """Continue from the run directory's latest complete checkpoint when there is one."""
+    """Continue from the run directory's latest complete checkpoint when there is one. A run
+    directory whose checkpoints exist but whose `latest` one is missing or incomplete is
+    refused, never restarted from step 0."""
+    resume_fallback: bool = False
+    """When `latest` is missing or incomplete, resume from the newest complete checkpoint
+    instead of refusing (off by default: the user decides which state to continue)."""
+    overwrite: bool = False
+    """With resume=false: discard the run directory's existing checkpoints and start over.
+    Without it, resume=false on a run that has checkpoints is refused."""
+    max_skipped_steps: int = 3
+    """A role's update is skipped (weights unchanged, counted in */skipped_steps) when a loss
+    or gradient is not finite; after this many consecutive skips the run stops, naming the
+    role and the quantity. 1 stops at the first."""
     frozen_d_monitor: bool = False
     """gad: also score each step's samples with a frozen copy of the starting discriminator
     (for measurement only: a reward that rises under a fixed D means G is learning)."""
@@ -190,6 +202,10 @@ class TrainConfig:
             raise ValueError("steps >= 0, epochs >= 1 and prompts_per_step >= 1 are required")
         if self.d_only_steps < 0 or self.save_every < 0 or self.keep_last < 1:
             raise ValueError("d_only_steps >= 0, save_every >= 0 and keep_last >= 1 are required")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite=true discards checkpoints and needs resume=false")
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,27 @@ def _sum_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
     return out
 
 
+def all_ranks_any(flag: bool) -> bool:
+    """True on every rank of this role's world when `flag` is True on any of them."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    from gad_megatron.parallel.dist import device
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def grads_finite(ddp) -> bool:
+    """Whether this rank's gradient buffers hold only finite values. After the DP reduction a
+    non-finite value anywhere in the global gradient shows up in some rank's buffer (as its
+    own local gradient or in its reduced shard), so OR-ing this over the world is exact."""
+    buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))
+    return all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+
+
 def train_step(ddp, optimizer, scheduler, micro_batches, loss_fn: Callable) -> dict[str, float]:
     """Forward+backward over `micro_batches` (1F1B under PP), then one optimizer step.
 
@@ -147,8 +168,16 @@ def train_step(ddp, optimizer, scheduler, micro_batches, loss_fn: Callable) -> d
     the returned num_tokens is replaced by 0 (see the module docstring). Metric values are
     summed over micro-batches, so they too should be shares. Returns those sums (on the last
     pipeline stage; empty elsewhere) plus `grad_norm` (global, before clipping), the `lr`
-    this step used, and `update_ok` (0 when fp16 loss scaling found inf/nan and skipped).
+    this step used, `update_ok` (0 when the step was not applied) and `skipped`.
+
+    A non-finite loss or gradient on any rank skips the update on every rank before the
+    optimizer runs: weights, optimizer state and the LR schedule stay as they were, and the
+    result says which (`nonfinite_loss`, `nonfinite_grad`). Under fp16 loss scaling inf/nan
+    gradients are the scaler's business (it skips and lowers the scale), so only the loss
+    is checked there.
     """
+    import math
+
     from gad_megatron.models.forward import run_schedule
 
     def share_only(output, mb):
@@ -158,14 +187,23 @@ def train_step(ddp, optimizer, scheduler, micro_batches, loss_fn: Callable) -> d
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     per_mb = run_schedule(ddp, micro_batches, share_only, forward_only=False)
+    metrics = _sum_metrics(per_mb)
     lr = optimizer.param_groups[0]["lr"]
+    bad_loss = all_ranks_any(not all(math.isfinite(v) for v in metrics.values()))
+    fp16 = ddp.config.params_dtype == torch.float16
+    bad_grad = False if fp16 else all_ranks_any(not grads_finite(ddp))
+    if bad_loss or bad_grad:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        metrics.update(grad_norm=float("nan"), lr=float(lr), update_ok=0.0, skipped=1.0,
+                       nonfinite_loss=float(bad_loss), nonfinite_grad=float(bad_grad))
+        return metrics
     update_ok, grad_norm, _ = optimizer.step()
     if grad_norm is None and update_ok:
         # clip_grad == 0 skips the norm inside step(); grads are untouched, so measure here.
         grad_norm = optimizer.get_grad_norm()
     if update_ok:  # as Megatron's loop: a skipped (overflowed) step does not advance the lr
         scheduler.step(increment=1)
-    metrics = _sum_metrics(per_mb)
     metrics.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                   lr=float(lr), update_ok=float(bool(update_ok)))
+                   lr=float(lr), update_ok=float(bool(update_ok)), skipped=0.0)
     return metrics

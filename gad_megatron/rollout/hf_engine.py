@@ -129,9 +129,20 @@ class HFEngine:
         # fork_rng: the seed makes this call reproducible without disturbing the caller's RNG.
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask,
-                generation_config=self._generation_config(n, temperature, top_p, max_new_tokens))
+            try:
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask,
+                    generation_config=self._generation_config(n, temperature, top_p,
+                                                              max_new_tokens))
+            except RuntimeError as exc:
+                if "probability tensor" not in str(exc):
+                    raise
+                # torch.multinomial's own words; say what it means for the run instead.
+                from gad_megatron.workers.common import NonFiniteError
+
+                raise NonFiniteError("rollout: the student's next-token probabilities are "
+                                     "NaN/inf: its weights diverged after the last update "
+                                     "(lower actor.optim.lr)") from None
         new_tokens = out.sequences[:, ids.shape[1]:].cpu()
         scale = temperature if temperature > 0 else 1.0
         # [B*n, steps]: log-prob of each generated token under softmax(raw logits / T).

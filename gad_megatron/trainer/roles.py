@@ -16,7 +16,8 @@ from gad_megatron.config.schema import ParallelConfig
 from gad_megatron.workers.sequences import Sequences
 
 # Metrics that are the same on every replica (not shares of a global sum).
-GLOBAL_METRICS = ("grad_norm", "lr", "update_ok", "num_zeros")
+GLOBAL_METRICS = ("grad_norm", "lr", "update_ok", "num_zeros", "skipped", "nonfinite_loss",
+                  "nonfinite_grad")
 
 
 class Group(Protocol):

@@ -66,15 +66,22 @@ class RunInputs:
     """gad with train.frozen_d_monitor: the starting discriminator, never updated."""
 
 
-def latest_checkpoint(run_or_ckpt: str) -> Path:
-    """A checkpoint directory: `run_or_ckpt` itself, or the newest complete one in a run."""
-    path = Path(run_or_ckpt)
-    if (path / "actor" / "gad_checkpoint.json").is_file():
-        return path
-    pointer = path / "checkpoints" / "latest"
-    if pointer.is_file():
-        return path / "checkpoints" / pointer.read_text().strip()
-    raise ConfigError(f"train.init_from={run_or_ckpt!r}: no complete checkpoint found there")
+def latest_checkpoint(run_or_ckpt: str, what: str = "train.init_from") -> Path:
+    """A complete checkpoint: `run_or_ckpt` itself, or the one a run's `latest` names."""
+    from gad_megatron.trainer.checkpoints import checkpoint_of
+
+    return checkpoint_of(run_or_ckpt, what)
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.hf_path={hf_dir}: no config.json there (an HF model "
+                          "directory is expected)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
 def resolve_inputs(cfg: GADConfig) -> RunInputs:
@@ -89,8 +96,13 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
     else:
         tokenizer = load_tokenizer(cfg.data.tokenizer or "builtin")
         hf_dir = write_tiny_model(out / TINY_DIR, cfg, tokenizer)
-    arch_config = json.loads((hf_dir / "config.json").read_text())
-    check_against_model(cfg, parse_hf_config(arch_config))
+    arch_config = _read_hf_config(hf_dir)
+    arch = parse_hf_config(arch_config)
+    check_against_model(cfg, arch)
+    if cfg.model.hf_path:  # headers only: a damaged file fails here, not in a worker
+        from gad_megatron.checkpoint.hf_io import HFTensorIndex
+
+        HFTensorIndex(hf_dir).check_against(arch)
     dtype = cfg.model.dtype
     actor = WeightsSource(str(hf_dir), arch_config, dtype)
     disc = WeightsSource(str(hf_dir), arch_config, dtype)
@@ -101,6 +113,10 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
         raise ConfigError("train.init_from is for the gad and seqkd stages; warmup starts from "
                           "model.hf_path")
     if cfg.train.init_from:
+        if not Path(cfg.train.init_from).exists():
+            first = ("run the warmup stage first (`make warmup`): gad starts from its "
+                     "checkpoint" if cfg.train.stage == Stage.GAD else "no such directory")
+            raise ConfigError(f"train.init_from={cfg.train.init_from}: {first}")
         ckpt = latest_checkpoint(cfg.train.init_from)
         actor = WeightsSource(str(ckpt / "actor"), arch_config, dtype)
         if (ckpt / "discriminator").is_dir():

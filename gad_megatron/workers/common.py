@@ -77,6 +77,23 @@ def pipeline_parallel() -> bool:
     return ps.get_pipeline_model_parallel_world_size() > 1
 
 
+class NonFiniteError(RuntimeError):
+    """A number the run depends on is NaN or inf (weights, losses, scores, probabilities)."""
+
+
+def check_finite_weights(model, role: str) -> None:
+    """Collective: raise on every rank when any rank's shard holds a NaN or inf weight, so a
+    diverged model is never written as a checkpoint (or exported) that looks usable."""
+    from gad_megatron.models.optim import all_ranks_any
+
+    bad = next((name for name, p in model.named_parameters()
+                if not bool(torch.isfinite(p.detach()).all())), None)
+    if all_ranks_any(bad is not None):
+        where = f" (first: {bad})" if bad else " (on another rank)"
+        raise NonFiniteError(f"{role}: weights hold NaN/inf{where}; not saving them, the "
+                             "previous checkpoint stays the latest")
+
+
 def pid() -> int:
     """This worker's process id (tests kill workers by pid)."""
     return os.getpid()

@@ -107,6 +107,7 @@ class DiscriminatorWorker:
         from gad_megatron.checkpoint.megatron_ckpt import save_training_state
 
         p = self.cfg.parallel
+        common.check_finite_weights(self._bare(), "discriminator")
         save_training_state(self._bare(), self.optimizer, self.scheduler, self.arch, out_dir,
                             p.tp, p.pp)
 

@@ -159,6 +159,7 @@ class ActorWorker:
         from gad_megatron.checkpoint.megatron_ckpt import save_training_state
 
         p = self.cfg.parallel
+        common.check_finite_weights(self._bare(), "actor")
         save_training_state(self._bare(), self.optimizer, self.scheduler, self.policy.arch,
                             out_dir, p.tp, p.pp, tokenizer_src)
 
