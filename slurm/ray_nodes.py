@@ -1,11 +1,11 @@
 """Wait until every node of a Slurm allocation has joined the job's Ray cluster.
 
     python slurm/ray_nodes.py --address HEAD:PORT --expect n1=10.0.0.1,n2=10.0.0.2 \
-        --timeout 300 [--out nodes.json]
+        --timeout 300 [--deadline EPOCH_S] [--out nodes.json]
 
 Run by slurm/gad.sbatch (through srun, inside the container when there is one). Exits 0 once
 Ray lists a live node at every expected address, and writes what Ray saw to --out; exits 3
-after --timeout seconds naming the nodes (Slurm name and address) that never registered.
+after --timeout seconds (or at --deadline, a Unix time: the job's own clock) naming the nodes (Slurm name and address) that never registered.
 Stands alone (no gad_megatron import) so that it runs before the project is imported.
 """
 
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--address", required=True, help="the head's GCS address, HOST:PORT")
     p.add_argument("--expect", required=True, help="name=address of every node, comma-separated")
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="the stated limit, seconds")
+    p.add_argument("--deadline", type=float, default=0.0,
+                   help="give up at this Unix time (default: now + timeout)")
     p.add_argument("--node-ip", default=os.environ.get("GAD_RAY_NODE_IP", ""),
                    help="this node's address (the Ray node this client attaches to)")
     p.add_argument("--out", default="", help="write the live nodes as JSON here")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    deadline = time.monotonic() + args.timeout
+    deadline = args.deadline or time.time() + args.timeout
     ray.init(address=args.address, _node_ip_address=args.node_ip or None,
              include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes = _live_nodes()
             seen = {n["address"] for n in nodes}
             missing = {name: addr for name, addr in expect.items() if addr not in seen}
-            if not missing or time.monotonic() >= deadline:
+            if not missing or time.time() >= deadline:
                 break
             time.sleep(1.0)
     finally:
