@@ -27,7 +27,8 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "gad.sbatch"
 JOB_TIMEOUT_S = 420  # one job under a loaded 2-core CI machine; typically 50-90 s
-WAIT_S = 40  # the script's node-registration timeout in these tests
+WAIT_S = 120  # the script's node-registration timeout (a loaded 2-core machine is slow)
+NOREG_WAIT_S = 40  # ... in the test of a node that never registers
 ADDRS = set(NODES.values())
 # The embedded default's warmup, 3 steps; D and G are both updated from step 0 (a resume
 # from a checkpoint taken before the actor's first update is a separate case).
@@ -203,7 +204,8 @@ def _ray_start_pid(job_id: str, node: str, timeout_s: float) -> int:
 
 
 def test_node_that_never_registers_fails_the_job_naming_it(slurm, work):
-    job = submit(slurm, work, "noreg", "warmup", ["train.steps=3"])
+    job = submit(slurm, work, "noreg", "warmup", ["train.steps=3"],
+                 env={"GAD_RAY_WAIT_S": str(NOREG_WAIT_S)})
     # Freeze node 2's `ray start` before it can start its raylet: it never registers (and
     # never exits, so only the timeout can catch it). Slurm's cancel sends SIGCONT first.
     pid = _ray_start_pid(job.id, "n2", 120)
@@ -212,11 +214,12 @@ def test_node_that_never_registers_fails_the_job_naming_it(slurm, work):
     log = job.text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log[-3000:]
     error = re.search(r"^(\d\d:\d\d:\d\d) gad-slurm: error: Ray nodes not registered "
-                      rf"within {WAIT_S}s: n2 \(127\.0\.0\.3\)$", log, re.M)
+                      rf"within {NOREG_WAIT_S}s: n2 \(127\.0\.0\.3\)$", log, re.M)
     assert error, log[-3000:]
     start = re.search(r"^(\d\d:\d\d:\d\d) gad-slurm: job \d+ start", log, re.M)
-    # Declared within the stated timeout (counted from the job's start), and n1 not blamed.
-    assert _seconds(error.group(1)) - _seconds(start.group(1)) <= WAIT_S + 3
+    # Declared at the stated timeout (counted from the job's start; a few seconds more for the
+    # node check's own exit on a loaded machine), and n1 not blamed.
+    assert _seconds(error.group(1)) - _seconds(start.group(1)) <= NOREG_WAIT_S + 8
     assert "gad-slurm: driver on" not in log  # the driver never started
     assert "gad-slurm: Ray stopped on n2" in log  # the frozen node's Ray was ended too
     assert_no_job_processes(job)
