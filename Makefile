@@ -17,7 +17,7 @@ RUN_ROOT ?= runs/default
 BACKEND  ?= ray
 PYTEST_ARGS ?=
 # Command-line `key=value` words that are config overrides (not this Makefile's variables).
-OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=%,$(MAKEOVERRIDES))
 # Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
 LAUNCH   ?=
 GAD      := $(LAUNCH) $(PY) -m gad_megatron
@@ -35,7 +35,7 @@ stage_cmd = $(if $(filter 1,$(SLURM)),$(slurm_cmd),$(local_cmd))
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
-.PHONY: setup test test-cluster test-gpu bench task warmup gad seqkd eval export demo clean
+.PHONY: setup test test-faults test-cluster test-gpu bench task warmup gad seqkd eval export demo clean setup-gpu bench-gpu
 
 setup: $(STAMP)
 
@@ -59,8 +59,38 @@ test-cluster: setup
 	bash slurm/ci/install.sh
 	$(PY) -m pytest -q -m cluster tests/test_slurm_cluster.py $(PYTEST_ARGS)
 
-test-gpu: setup
-	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+# The fault-injection tests (also part of `make test`), then docs/reliability.md from their
+# own results.
+test-faults: setup
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
+	$(PY) -m tests.reliability docs/reliability.md
+
+# ---- GPU machines: their own venv over the system site-packages, keeping the CUDA torch
+# there; one lock per rollout engine (gad_megatron/envsetup.py decides and refuses).
+#   make setup-gpu [ENGINE=vllm|sglang]   make test-gpu   make bench-gpu [BENCH_GPU_ARGS=...]
+ENGINE     ?= vllm
+GPU_VENV   ?= .venv-gpu
+GPU_PY     := $(GPU_VENV)/bin/python
+GPU_STAMP  := $(GPU_VENV)/.setup-gpu-$(ENGINE)
+
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml requirements/gpu-$(ENGINE).lock gad_megatron/envsetup.py
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PY) gad_megatron/envsetup.py choose --path gpu --engine $(ENGINE) \
+	  --constraints $(GPU_VENV)/torch-constraint.txt
+	$(GPU_PY) -m pip install --quiet -r requirements/gpu-$(ENGINE).lock \
+	  -c $(GPU_VENV)/torch-constraint.txt
+	$(GPU_PY) -m pip install --quiet --no-deps -e .
+	touch $(GPU_STAMP)
+
+test-gpu: setup-gpu
+	$(GPU_PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# GPU checks that are measurements, not unit tests (issue 14: TE refusal, SGLang sleep and
+# seeds, PP variable lengths and chunked log-prob memory); each skips cleanly without CUDA.
+bench-gpu: setup-gpu
+	$(GPU_PY) -m gad_megatron.bench_gpu $(BENCH_GPU_ARGS)
 
 # Speed and memory figures with their ratios (data validation, weight sync, loop steps);
 # BENCH_ARGS="--only sync" etc. Not part of `make test`.

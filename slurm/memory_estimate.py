@@ -7,8 +7,9 @@ Arithmetic only (no torch): the figures docs/cluster.md quotes, reproducible. As
 - bf16 parameters (2 B), gradients in an fp32 buffer (Megatron's grad_reduce_in_fp32, 4 B),
   Adam with fp32 master weights, m and v (12 B), sharded over data-parallel ranks when
   `optim.use_distributed_optimizer=true` (else replicated);
-- tensor parallelism without sequence parallelism (the project does not turn it on), so
-  the layer-norm inputs and outputs are replicated on every TP rank; no activation recompute;
+- tensor parallelism without sequence parallelism (`<role>.perf.sequence_parallel`, off by
+  default), so the layer-norm inputs and outputs are replicated on every TP rank; no
+  activation recompute (`<role>.perf.recompute`, off by default);
 - flash attention (transformer-engine on H100): no seq x seq score matrix is kept;
 - a micro-batch of `micro_batch_tokens` = 4096 tokens (one sequence at the paper's 2048
   prompt + 1536 response tokens fits; the config default 8192 doubles the activations);

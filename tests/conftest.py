@@ -20,3 +20,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    # The reliability table is made from one session's results (tests/reliability.py).
+    from tests.reliability import RESULTS
+
+    if RESULTS.exists():
+        RESULTS.unlink()

@@ -158,8 +158,9 @@ def test_a_call_past_the_timeout_names_role_and_rank(ray_local):
                            start_timeout_s=60)
     try:
         start = time.monotonic()
-        with pytest.raises(WorkerError, match=r"^discriminator rank 1 did not answer within "
-                                              r"2s \(ranks still busy: \[1\]\)"):
+        with pytest.raises(WorkerError, match=r"^discriminator rank 1 did not answer hang\(\) "
+                                              r"within 2s \(ranks still busy: \[1\]\) "
+                                              r"\(node 127\.0\.0\.1, pid \d+\)"):
             group.call_per_rank("hang", [(0.0,), (60.0,)])
         assert time.monotonic() - start < 15
     finally:
@@ -192,3 +193,42 @@ def test_planned_placement_and_probed_rendezvous(ray_local):
         assert group.call("allreduce", 4.0) == [4.0]
     finally:
         group.shutdown()
+
+
+def _placement_group_id(worker) -> str:
+    """Runs inside an actor: the placement group Ray charged it to."""
+    import ray
+
+    return ray.get_runtime_context().get_placement_group_id()
+
+
+def test_colocated_roles_share_one_reservation_rank_r_on_bundle_r(ray_local):
+    """Issue 14, defect 5, on Ray itself (CPU slots stand in for GPUs): colocated roles sit
+    in one reservation of whole bundles, never one of their own."""
+    from ray.util.placement_group import remove_placement_group
+
+    from gad_megatron.cluster.group import RayWorkerGroup, reserve
+    from gad_megatron.cluster.placement import COLOCATED, RoleSpec, plan_placement
+    from gad_megatron.cluster.runtime import cluster_nodes
+
+    plan = plan_placement([RoleSpec("actor", 2, tp=2), RoleSpec("discriminator", 2)],
+                          cluster_nodes(use_gpus=False), colocate=True, use_gpus=False)
+    with pytest.raises(ValueError, match="shared reservation"):
+        RayWorkerGroup("actor", ToyWorker, 2, (), plan.role("actor"), timeout_s=60)
+    shared = reserve(plan.bundles(COLOCATED), "test-colocated", 60)
+    groups = []
+    try:
+        for role in ("actor", "discriminator"):
+            groups.append(RayWorkerGroup(role, ToyWorker, 2, (), plan.role(role),
+                                         timeout_s=60, pg=shared))
+        for g in groups:
+            # Every rank of every role is charged to the one shared reservation (its bundle
+            # r is what the plan's Seat says: see the tables in test_placement.py).
+            refs = g.call_per_rank_async("__ray_call__", [(_placement_group_id,)] * 2)
+            assert g.wait(refs) == [shared.id.hex()] * 2
+            assert [g._seat(r).bundle for r in range(2)] == [0, 1]
+            assert g.call("allreduce", 1.0) == [2.0, 2.0]
+    finally:
+        for g in groups:
+            g.shutdown()
+        remove_placement_group(shared)

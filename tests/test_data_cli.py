@@ -31,7 +31,8 @@ def test_validate_good_and_bad(tmp_path, capsys):
     bad.write_text(json.dumps({"id": "1", "prompt": "q"}) + "\n{oops\n")
     assert run_cli(["validate", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "1 rows, 1 kept, 0 bad" in out and out.strip().endswith("lengths not checked)")
+    assert "1 rows, 1 kept, 0 bad" in out
+    assert "lengths were counted with the built-in tokenizer" in out
     assert run_cli(["validate", str(bad)]) == 1
     out = capsys.readouterr().out
     assert f"{bad} row 1, field 'teacher_response': missing" in out
@@ -58,7 +59,30 @@ def test_make_task_then_validate(tmp_path, capsys):
                     "--seed", "3"]) == 0
     files = [str(out / "train.jsonl"), str(out / "test.jsonl")]
     assert run_cli(["validate", *files, "--tokenizer", "builtin"]) == 0
-    assert "OK: 99 rows, 0 bad; checked fields and lengths" in capsys.readouterr().out
+    assert ("OK: 99 rows, 0 bad (0 malformed, 0 too long); checked fields and lengths"
+            in capsys.readouterr().out)
+
+
+def test_validate_refuses_what_training_refuses(tmp_path, capsys):
+    """An empty file, and an over-long prompt with no --config or --tokenizer given, both
+    fail as training would; the summary counts the bad rows it names."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run_cli(["validate", str(empty)]) == 1
+    out = capsys.readouterr().out
+    assert f"{empty}: unreadable: no rows (an empty file)" in out and "FAILED: 0 rows" in out
+    long = tmp_path / "long.jsonl"
+    rows = [{"prompt": "q", "teacher_response": "a"}, {"prompt": "x" * 100_000,
+                                                       "teacher_response": "a"}]
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli(["validate", str(long)]) == 1
+    out = capsys.readouterr().out
+    assert f"{long} row 2, field 'prompt'" in out
+    assert "FAILED: 2 rows, 1 bad (0 malformed, 1 too long)" in out
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  tokenizer: builtin\n")
+    assert run_cli(["validate", str(long), "--config", str(cfg)]) == 1
+    assert "FAILED: 2 rows, 1 bad (0 malformed, 1 too long)" in capsys.readouterr().out
 
 
 # Until the dispatcher lists "data" in COMMANDS, run the command through the same

@@ -109,3 +109,60 @@ def test_cpu_only_mode_places_on_cpu_slots():
 def test_use_gpus_none_picks_gpus_when_the_cluster_has_them():
     assert plan_placement([RoleSpec("actor", 2)], [gpu_node("g")]).use_gpus
     assert not plan_placement([RoleSpec("actor", 2)], [NodeSpec("c", cpus=4)]).use_gpus
+
+
+# ---- Ray reservations (issue 14, defects 4 and 5) --------------------------------------
+
+from gad_megatron.cluster.placement import COLOCATED, Bundle, Seat  # noqa: E402
+
+
+def test_colocated_reservation_is_whole_gpus_and_rank_r_of_every_role_sits_on_gpu_r():
+    # Before: each role reserved fractional bundles of its own, and Ray's best fit could put
+    # actor ranks 0 and 1 on the same GPU (NCCL refuses duplicate devices).
+    plan = plan_placement(roles(RoleSpec("actor", 4, tp=2), RoleSpec("discriminator", 4, tp=2),
+                                RoleSpec("reference", 2), RoleSpec("rollout", 2, tp=2,
+                                                                   engine=True)),
+                          [gpu_node("n0", gpus=4)], colocate=True, use_gpus=True)
+    assert plan.bundles(COLOCATED) == tuple(Bundle("n0", 1, 1.0) for _ in range(4))
+    q = 0.25  # four roles share each GPU
+    for name, ranks in (("actor", 4), ("discriminator", 4), ("reference", 2)):
+        place = plan.role(name)
+        assert place.reservation == COLOCATED and place.bundles == plan.bundles(COLOCATED)
+        assert place.seats == tuple(Seat(r, q, q, (r,)) for r in range(ranks))
+    # the engine: one actor on the bundle of its rank 0, driving the GPUs of bundles 0 and 1
+    assert plan.role("rollout").seats == (Seat(0, q, q, (0, 1)),)
+
+
+def test_disaggregated_engine_reserves_its_tp_gpus_in_one_bundle():
+    # Before: the engine actor asked for num_gpus=1 whatever rollout.tp was, and vLLM refused
+    # "World size (2) is larger than the number of available GPUs (1)".
+    plan = plan_placement(roles(RoleSpec("actor", 4, tp=4), RoleSpec("rollout", 2, tp=2,
+                                                                     engine=True)),
+                          [gpu_node("a", gpus=4), gpu_node("b", gpus=4)], use_gpus=True)
+    rollout = plan.role("rollout")
+    assert plan.roles["rollout"] == slots((1, 0), (1, 1))
+    assert rollout.bundles == (Bundle("b", 2, 1.0),) and rollout.seats == (Seat(0, 2.0, 1.0, (0,)),)
+    actor = plan.role("actor")
+    assert actor.bundles == tuple(Bundle("a", 1, 1.0) for _ in range(4))
+    assert actor.seats == tuple(Seat(r, 1.0, 1.0, (r,)) for r in range(4))
+
+
+def test_cpu_mode_reservations_hold_no_gpus():
+    plan = plan_placement(roles(RoleSpec("actor", 2), RoleSpec("rollout", 1, engine=True)),
+                          [NodeSpec("127.0.0.1", cpus=4)], colocate=True, use_gpus=False)
+    assert plan.bundles(COLOCATED) == (Bundle("127.0.0.1", 0, 1.0), Bundle("127.0.0.1", 0, 1.0))
+    assert plan.role("rollout").seats == (Seat(0, 0.0, 0.5, (0,)),)
+
+
+def test_the_run_places_its_engine_through_the_plan_with_its_tp():
+    from types import SimpleNamespace
+
+    from gad_megatron.config import GADConfig
+    from gad_megatron.config.schema import RolloutConfig, RunConfig
+    from gad_megatron.trainer.ray_backend import role_specs
+
+    cfg = GADConfig(run=RunConfig(use_gpus=True), rollout=RolloutConfig(tp=2))
+    specs = role_specs(cfg, SimpleNamespace(discriminator=None, reference=None))
+    assert specs[-1] == RoleSpec("rollout", 2, 2, engine=True)
+    plan = plan_placement(specs, [gpu_node("n0", gpus=3)], use_gpus=True)
+    assert plan.role("rollout").bundles == (Bundle("n0", 2, 1.0),)

@@ -70,3 +70,13 @@ def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_worker(tmp_path)
     cfg = ray_cfg(tmp_path, "warmup", "run.num_cpus=2", "actor.parallel.tp=2")
     with pytest.raises(PlacementError, match="discriminator: needs 1 devices"):
         start_ray_roles(cfg, resolve_inputs(cfg), total_steps=1)
+
+
+def test_colocated_warmup_through_ray(tmp_path):
+    """Issue 14, defects 4, 5 and 8 end to end on CPU slots: every role (engine included)
+    seated in one shared reservation, the engine asleep between uses."""
+    cfg = ray_cfg(tmp_path, "warmup", "actor.parallel.tp=2", "run.colocate=true")
+    history = train(cfg, backend="ray")
+    assert len(history) == 2 and "g/sft_loss" in history[1]
+    for metrics in history:
+        assert all(math.isfinite(v) for v in metrics.values()), metrics

@@ -13,7 +13,7 @@ def test_response_positions_predict_response_tokens():
     # prompt [5, 6, 7], response [8, 9]: tokens 5 6 7 8 9; position 2 (token 7) predicts 8,
     # position 3 predicts 9, so resp_mask is True at positions 2 and 3 only.
     seqs = Sequences([[5, 6, 7], [1]], [[8, 9], [2, 3, 4]])
-    (mb,) = micro_batches(seqs, token_budget=100, pad_id=0, uniform=False)
+    (mb,) = micro_batches(seqs, token_budget=100, pad_id=0)
     assert mb.tokens.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]]
     assert mb.extra["resp_mask"].tolist() == [[False, False, True, True, False],
                                               [True, True, True, False, False]]
@@ -31,13 +31,13 @@ def test_token_budget_chunks_and_groups():
     assert budget_chunks([4, 4, 4, 4], 4, groups=[0, 0, 1, 1]) == [[0, 1], [2, 3]]
 
 
-def test_uniform_micro_batches_pad_with_filler_rows():
+def test_micro_batches_are_padded_only_to_their_own_longest_row():
+    # Issue 14, defect 11: at PP>1 they used to be padded to the most rows of any chunk times
+    # the longest sequence of the whole batch (here every one to [2, 4]).
     seqs = Sequences([[1], [1], [1]], [[2, 3], [2], [2, 3, 4]])
-    mbs = micro_batches(seqs, token_budget=6, pad_id=0, uniform=True)
-    assert {tuple(mb.tokens.shape) for mb in mbs} == {(2, 4)}
-    assert mbs[-1].extra["index"] == [2, -1]
-    assert mbs[-1].valid[1].tolist() == [True, False, False, False]  # filler keeps one token
-    assert not mbs[-1].extra["resp_mask"][1].any()
+    mbs = micro_batches(seqs, token_budget=6, pad_id=0)
+    assert [tuple(mb.tokens.shape) for mb in mbs] == [(2, 3), (1, 4)]
+    assert [mb.extra["index"] for mb in mbs] == [[0, 1], [2]]
 
 
 def test_dp_split_keeps_groups_and_balances_tokens():

@@ -288,6 +288,44 @@ def test_default_local_store_without_server(tmp_path):
     assert [m.step for m in client.get_metric_history(warm.run_id, "g/kl")] == [0, 1, 2]
 
 
+def test_a_resume_with_a_changed_setting_keeps_every_param_and_tags_the_change(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    local = TrackingConfig(samples_every=0)
+    first = {"train": {"steps": 5}, "a": 1}
+    run = Tracker(local, tmp_path / "job" / "warmup", "warmup", first)
+    run.finish()
+    again = Tracker(local, tmp_path / "job" / "warmup", "warmup",
+                    {"train": {"steps": 7}, "a": 1}, resume=True, previous_params=first)
+    again.finish()
+    assert "resuming with changed settings: train.steps 5 -> 7" in capsys.readouterr().out
+    data = MlflowClient(f"sqlite:///{tmp_path / 'job' / 'mlflow.db'}").get_run(run.run_id).data
+    assert data.params["train.steps"] == "5" and data.params["a"] == "1"
+    assert data.tags["changed.train.steps"] == "7 (was 5)"
+    assert not (tmp_path / "job" / "warmup" / "mlflow_rejected.jsonl").exists()
+
+
+def test_the_store_down_warning_is_one_clean_line(tmp_path):
+    """As a user sees it: a fresh interpreter, Python's default warning display."""
+    import subprocess
+    import sys
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    code = ("import sys; from gad_megatron.tracking.tracker import Tracker; "
+            "from gad_megatron.tracking.config import TrackingConfig; "
+            "t = Tracker(TrackingConfig(tracking_uri=sys.argv[1], http_timeout_s=2, "
+            "http_max_retries=0, samples_every=0), sys.argv[2], 'warmup', {}); t.finish()")
+    res = subprocess.run([sys.executable, "-c", code, dead, str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if "TrackingUnavailableWarning" in ln]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("gad_megatron.tracking:0: TrackingUnavailableWarning: MLflow "
+                               f"tracking store {dead} does not answer ([Errno 111] "
+                               "Connection refused); training goes on")
+    assert "warnings.warn" not in res.stderr and "HTTPConnectionPool" not in res.stderr
+
+
 def test_disabled_tracker_still_writes_local_files(tmp_path):
     tracker = Tracker(TrackingConfig(enabled=False, samples_every=1), tmp_path, "gad", {})
     steps(tracker, 0, 2)

@@ -42,14 +42,17 @@ def _normaliser() -> int:
 
 
 def _my_micro_batches():
-    """This DP rank's rows (i % dp == dp_rank), one row per micro-batch."""
+    """This DP rank's rows (i % dp == dp_rank), one row per micro-batch, each cut to its own
+    length: micro-batches of different shapes, which PP>1 runs with Megatron's
+    variable_seq_lengths (issue 14, defect 11)."""
     from megatron.core import parallel_state as ps
 
     from gad_megatron.models.forward import MicroBatch
 
     tokens, valid = _global_batch()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    return [MicroBatch(tokens[i:i + 1], valid[i:i + 1], {})
+    lengths = valid.sum(dim=1).tolist()
+    return [MicroBatch(tokens[i:i + 1, :lengths[i]], valid[i:i + 1, :lengths[i]], {})
             for i in range(len(ROWS)) if i % dp == dp_rank]
 
 
@@ -86,7 +89,13 @@ def _hf_named_grads(bare, arch) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_rank(rank, model_dir, distributed_optimizer, bf16_no_clip=False):
+# Perf settings (issue 14, defect 12) that must not change the maths.
+PERFS = {"": {}, "overlap": {"overlap_grad_reduce": True},
+         "recompute": {"recompute": "full"},
+         "selective": {"recompute": "selective"}}
+
+
+def train_rank(rank, model_dir, distributed_optimizer, bf16_no_clip=False, perf=""):
     from megatron.core import parallel_state as ps
 
     from gad_megatron.checkpoint.hf_io import export_hf_tensors, load_hf_weights
@@ -97,11 +106,15 @@ def train_rank(rank, model_dir, distributed_optimizer, bf16_no_clip=False):
     arch = read_hf_config(model_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     dtype = torch.bfloat16 if bf16_no_clip else torch.float32
-    model = build_gpt(arch, tp, pp, BuildOptions(dtype=dtype, init_weights=False))
+    from gad_megatron.models.perf import PerfConfig
+
+    perf_cfg = PerfConfig(**PERFS[perf])
+    model = build_gpt(arch, tp, pp, BuildOptions(dtype=dtype, init_weights=False, perf=perf_cfg))
     load_hf_weights(model, arch, model_dir)
     optim = dict(OPTIM, clip_grad=0.0) if bf16_no_clip else OPTIM
     ddp, opt, sched = wrap_for_training(
-        model, OptimConfig(**optim, use_distributed_optimizer=distributed_optimizer))
+        model, OptimConfig(**optim, use_distributed_optimizer=distributed_optimizer),
+        perf=perf_cfg)
     grads = {}
     real_step = opt.step
 
@@ -122,12 +135,18 @@ def train_rank(rank, model_dir, distributed_optimizer, bf16_no_clip=False):
 LAYOUTS = {"tp2": ({"tp": 2}, False), "pp2": ({"pp": 2}, False), "dp2": ({"dp": 2}, False),
            "dp2-distopt": ({"dp": 2}, True), "single": ({}, False),
            # bf16 weights: Megatron's fp16/bf16 optimizer with fp32 master copies (sharded).
-           "dp2-distopt-bf16-noclip": ({"dp": 2}, True, True)}
+           "dp2-distopt-bf16-noclip": ({"dp": 2}, True, True),
+           "dp2-overlap": ({"dp": 2}, False, False, "overlap"),
+           "dp2-distopt-overlap": ({"dp": 2}, True, False, "overlap"),
+           "tp2-recompute": ({"tp": 2}, False, False, "recompute"),
+           "pp2-selective": ({"pp": 2}, False, False, "selective")}
 # qwen3: qk-norm, head_dim != hidden/heads, untied. llama-tied: tied embeddings, whose grad
 # is summed across the first and last pipeline stages, and llama3 rope scaling.
 FAMILIES = {"qwen3": ("qwen3", {}), "llama-tied": ("llama", {"tie_word_embeddings": True})}
 CASES = [("qwen3", "tp2"), ("qwen3", "pp2"), ("qwen3", "dp2"), ("qwen3", "dp2-distopt"),
-         ("llama-tied", "pp2"), ("llama-tied", "tp2")]
+         ("llama-tied", "pp2"), ("llama-tied", "tp2"), ("qwen3", "dp2-overlap"),
+         ("qwen3", "dp2-distopt-overlap"), ("qwen3", "tp2-recompute"),
+         ("qwen3", "pp2-selective")]
 
 
 class Runs:

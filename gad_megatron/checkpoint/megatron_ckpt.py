@@ -44,6 +44,38 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, partial or of another format."""
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Runs in the manager process: leave as soon as the process that started it is gone."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _orphan_safe_results_queue() -> None:
+    """Megatron's torch_dist writer collects per-rank results through a queue served by a
+    spawned multiprocessing Manager, created on the first save and never stopped. When the
+    trainer is killed (-9, OOM killer, a preempted node) that server lives on forever as an
+    orphan (seen here: one per killed run). Install the same kind of queue from a manager
+    that exits within a second of its parent; only while Megatron has not made its own."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    if getattr(fsa, "_results_queue", "absent") is not None:
+        return  # already made (ours or Megatron's), or another Megatron without this global
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(_exit_with_parent, (os.getpid(),))
+    fsa._results_queue = manager.Queue()
+    fsa._gad_results_manager = manager  # keeps the server (and its queue) alive
+
+
 def _shared_tmpdir(out: Path) -> Path:
     # Rank 0 picks the temp name; the others learn it, so all write into one directory.
     name = [None]
@@ -66,6 +98,7 @@ def save_model_checkpoint(model, arch: HFArch, out_dir: str | Path, tp: int, pp:
     from megatron.core import dist_checkpointing, package_info
 
     out = Path(out_dir)
+    _orphan_safe_results_queue()
     tmp = _shared_tmpdir(out)
     try:
         if dist.get_rank() == 0:

@@ -13,15 +13,24 @@ def _validate(args: argparse.Namespace) -> int:
     from gad_megatron.data.tokenizer import load_tokenizer
 
     cfg = load_data_config(args.config, tokenizer=args.tokenizer)
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    stats = validate_files(args.files, cfg, tokenizer)
+    # Lengths are part of what training refuses, so they are always checked: with the
+    # config's (or --tokenizer's) tokenizer, else the embedded default's built-in one.
+    tokenizer_name = cfg.tokenizer or "builtin"
+    stats = validate_files(args.files, cfg, load_tokenizer(tokenizer_name))
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2))
-    else:
-        print(stats.summary())
-        checked = "fields and lengths" if tokenizer is not None else "fields (no tokenizer: lengths not checked)"
-        verdict = "OK" if stats.ok else "FAILED"
-        print(f"{verdict}: {stats.rows} rows, {sum(stats.bad.values())} bad; checked {checked}")
+        return 0 if stats.ok else 1
+    print(stats.summary())
+    if not cfg.tokenizer:
+        print("note: lengths were counted with the built-in tokenizer; pass --tokenizer DIR "
+              "or --config C for your student's")
+    unreadable = sum(1 for f in stats.files.values() if f.error)
+    bad = sum(stats.bad.values()) + stats.too_long
+    verdict = "OK" if stats.ok else "FAILED"
+    print(f"{verdict}: {stats.rows} rows, {bad} bad ({sum(stats.bad.values())} malformed, "
+          f"{stats.too_long} too long)" + (f", {unreadable} unreadable or empty file(s)"
+                                           if unreadable else "")
+          + f"; checked fields and lengths ({tokenizer_name} tokenizer)")
     return 0 if stats.ok else 1
 
 

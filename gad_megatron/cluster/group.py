@@ -109,9 +109,10 @@ def _error_from(role: str, rank_of: dict, failures: dict) -> WorkerError:
 
 
 def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = None,
-             grace_s: float = GRACE_S) -> list:
+             grace_s: float = GRACE_S, call: str | None = None) -> list:
     """Results of `refs` in order. A failure or the timeout raises WorkerError naming the
-    role and the rank (a dead rank first, then the lowest failing rank)."""
+    role and the rank (a dead rank first, then the lowest failing rank), and on a timeout
+    the `call` that was waited for."""
     import ray
 
     ranks = ranks if ranks is not None else list(range(len(refs)))
@@ -123,7 +124,8 @@ def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = 
         left = deadline - time.monotonic()
         if left <= 0:
             late = sorted(rank_of[r] for r in pending)
-            raise WorkerError(role, late[0], f"did not answer within {timeout_s:g}s "
+            what = f" {call}()" if call else ""
+            raise WorkerError(role, late[0], f"did not answer{what} within {timeout_s:g}s "
                                              f"(ranks still busy: {late})")
         # Short polls: a dead actor's ref turns ready at once, so this is only a bound.
         ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
@@ -137,6 +139,35 @@ def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = 
                 failures = _gather_failures(pending, {ref: exc}, grace)
                 raise _error_from(role, rank_of, failures) from None
     return [results[ref] for ref in refs]
+
+
+def bundle_resources(bundle) -> dict[str, float]:
+    """A placement `Bundle` as Ray resources."""
+    res = {"CPU": float(bundle.cpus)}
+    if bundle.gpus:
+        res["GPU"] = float(bundle.gpus)
+    if bundle.node:
+        # Ray gives every node a resource named after its address: a sliver of it pins the
+        # bundle to the node the plan chose.
+        res[f"node:{bundle.node}"] = 0.001
+    return res
+
+
+def reserve(bundles, name: str, timeout_s: float, role: str = "placement"):
+    """A Ray placement group of `bundles` (placement.Bundle), ready, or WorkerError."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    one_node = len({b.node for b in bundles}) == 1 and bool(bundles[0].node)
+    pg = placement_group([bundle_resources(b) for b in bundles],
+                         strategy="STRICT_PACK" if one_node else "PACK", name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        gpus, cpus = sum(b.gpus for b in bundles), sum(b.cpus for b in bundles)
+        raise WorkerError(role, None, f"could not reserve {len(bundles)} bundle(s) "
+                                      f"({gpus} GPUs, {cpus:g} CPUs) within {timeout_s:g}s")
+    return pg
 
 
 def _rank_info(worker: Any, rank: int) -> RankInfo:
@@ -170,12 +201,15 @@ class RayWorkerGroup:
     Ray node is on loopback) makes ranks rendezvous on 127.0.0.1 through the `lo` interface.
     `timeout_s` bounds every call; `start_timeout_s` (None: `timeout_s`) bounds the
     reservation and the constructors (loading a model can take longer than a step).
+    `pg`: the placement group a colocated placement shares with the other roles (required
+    then; the group neither creates nor removes it). Each rank's actor sits on the bundle
+    and takes the device fraction of its planned `Seat`.
     """
 
     def __init__(self, role: str, worker_cls: type, world_size: int, ctor_args: tuple = (),
                  placement=None, timeout_s: float = 600.0, env: dict | None = None, *,
                  use_gpus: bool | None = None, master_addr: str | None = None,
-                 local: bool | None = None, start_timeout_s: float | None = None):
+                 local: bool | None = None, start_timeout_s: float | None = None, pg=None):
         from gad_megatron.cluster.runtime import is_local_cluster
 
         if placement is not None and placement.world_size != world_size:
@@ -186,7 +220,10 @@ class RayWorkerGroup:
         self.use_gpus = placement.use_gpus if placement is not None else bool(use_gpus)
         self.local = is_local_cluster() if local is None else local
         self.actors: list = []
-        self.pg = None
+        if pg is None and placement is not None and placement.share > 1:
+            raise ValueError(f"{role}: a colocated placement needs the shared reservation "
+                             f"(pg=reserve(plan.bundles(COLOCATED), ...))")
+        self.pg, self.owns_pg = pg, False
         self.ranks: list[RankInfo] = []
         self.start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
         try:
@@ -206,36 +243,32 @@ class RayWorkerGroup:
     def pids(self) -> list[int]:
         return [info.pid for info in self.ranks]
 
-    def _bundle(self, rank: int) -> dict[str, float]:
-        share = self.placement.share if self.placement is not None else 1
-        bundle = {"CPU": 1.0 / share}
-        if self.use_gpus:
-            bundle["GPU"] = 1.0 / share
-        if self.placement is not None:
-            # Ray gives every node a resource named after its address: a sliver of it pins
-            # the bundle to the node the plan chose.
-            bundle[f"node:{self.placement.node_of(rank)}"] = 0.001
-        return bundle
+    def _seat(self, rank: int):
+        from gad_megatron.cluster.placement import Seat
+
+        if self.placement is None:  # unplanned: one whole device per rank, Ray packs them
+            return Seat(rank, 1.0 if self.use_gpus else 0.0, 1.0, (rank,))
+        return self.placement.seats[rank]
 
     def _reserve(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
+        from gad_megatron.cluster.placement import Bundle
 
-        one_node = self.placement is not None and self.placement.single_node()
-        self.pg = placement_group([self._bundle(r) for r in range(self.world_size)],
-                                  strategy="STRICT_PACK" if one_node else "PACK",
-                                  name=f"{self.role}-{os.getpid()}-{id(self)}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.start_timeout_s)
-        if not ready:
-            kind = "GPU" if self.use_gpus else "CPU"
-            raise WorkerError(self.role, None, f"could not reserve {self.world_size} {kind} "
-                                               f"bundle(s) within {self.start_timeout_s:g}s")
+        if self.pg is not None:
+            return  # a reservation shared with other roles (colocated), owned by the caller
+        if self.placement is not None:
+            bundles = self.placement.bundles
+        else:
+            bundles = tuple(Bundle("", 1 if self.use_gpus else 0, 1.0)
+                            for _ in range(self.world_size))
+        self.pg = reserve(bundles, f"{self.role}-{os.getpid()}-{id(self)}",
+                          self.start_timeout_s, self.role)
+        self.owns_pg = True
 
     def _strategy(self, rank: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return PlacementGroupSchedulingStrategy(placement_group=self.pg,
-                                                placement_group_bundle_index=rank)
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.pg, placement_group_bundle_index=self._seat(rank).bundle)
 
     def _rendezvous(self, master_addr: str | None) -> tuple[str, int]:
         """Rank 0's address and a free port there for this role's process group."""
@@ -272,9 +305,9 @@ class RayWorkerGroup:
 
         remote_cls = ray.remote(worker_cls)
         for rank in range(self.world_size):
-            bundle = self._bundle(rank)
+            seat = self._seat(rank)
             self.actors.append(remote_cls.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                num_cpus=seat.cpus, num_gpus=seat.gpus, max_restarts=0,
                 scheduling_strategy=self._strategy(rank),
                 runtime_env={"env_vars": self._rank_env(rank, env, addr, port)},
             ).remote(*ctor_args))
@@ -294,22 +327,32 @@ class RayWorkerGroup:
                              f"{self.world_size} ranks")
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
 
-    def wait(self, refs: list) -> list:
+    def wait(self, refs: list, call: str | None = None) -> list:
         """Results of refs from `call_async` (rank order). On any failure or the timeout the
-        whole group is killed, then WorkerError is raised."""
+        whole group is killed, then WorkerError is raised, naming the rank's node."""
         try:
-            return wait_for(self.role, refs, self.timeout_s)
-        except WorkerError:
+            return wait_for(self.role, refs, self.timeout_s, call=call)
+        except WorkerError as err:
+            where = self._where(err.rank)
             self.shutdown()  # peers of a failed rank would block in their next collective
-            raise
+            if where is None or "ip " in err.detail:
+                raise
+            raise WorkerError(err.role, err.rank, f"{err.detail} ({where})") from None
+
+    def _where(self, rank: int | None) -> str | None:
+        """'node ADDR, pid N' of a rank, as it reported itself at start."""
+        if rank is None or rank >= len(self.ranks):
+            return None
+        info = self.ranks[rank]
+        return f"node {info.node}, pid {info.pid}"
 
     def call(self, method: str, *args, **kwargs) -> list:
         """`method(*args, **kwargs)` on every rank; results in rank order."""
-        return self.wait(self.call_async(method, *args, **kwargs))
+        return self.wait(self.call_async(method, *args, **kwargs), call=method)
 
     def call_per_rank(self, method: str, args_per_rank: list[tuple]) -> list:
         """`method(*args_per_rank[r])` on rank r; results in rank order."""
-        return self.wait(self.call_per_rank_async(method, args_per_rank))
+        return self.wait(self.call_per_rank_async(method, args_per_rank), call=method)
 
     def _check_alive(self) -> None:
         if not self.actors:
@@ -326,9 +369,9 @@ class RayWorkerGroup:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.actors = []
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:
             try:
                 remove_placement_group(self.pg)
             except Exception:  # noqa: BLE001 - Ray already shut down
                 pass
-            self.pg = None
+        self.pg = None

@@ -9,6 +9,15 @@ Rules:
   node by node;
 - colocated: every role (actor, discriminator, reference, rollout) time-shares the same
   devices, the largest role's; rank r of every role sits on the same device;
+- Ray reservations (`Bundle`, `Seat`): a bundle is always one whole device (or, for an
+  engine's own reservation, its TP devices together), so Ray never puts two bundles on one
+  GPU. Colocated roles share ONE reservation; rank r of every role takes a fraction of bundle
+  r, so rank r of every role is on device r, and ranks of one role are on distinct devices.
+  (Fractional bundles per role let Ray's best fit stack ranks 0..k of one role on GPU 0,
+  where NCCL refuses duplicate devices.)
+- an engine role (`RoleSpec.engine`: vLLM/SGLang with its own TP) is ONE actor that drives
+  all its ranks' devices: disaggregated, its bundle holds its TP devices; colocated, it sits
+  on the bundle of its rank 0 and is shown the devices of its ranks' bundles;
 - a tensor-parallel group never spans nodes (its all-reduces need the intra-node fabric), so a
   TP group larger than a node is refused;
 - too few devices is refused naming the role and the counts.
@@ -33,6 +42,8 @@ class RoleSpec:
     """Ranks (tp * pp * dp for Megatron roles; the engine's tp for a rollout engine)."""
     tp: int = 1
     """Ranks that must share a node (consecutive ranks form a TP group, Megatron's order)."""
+    engine: bool = False
+    """One actor drives all the ranks' devices (a rollout engine spawning its own TP workers)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,33 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Bundle:
+    """One Ray placement-group bundle: whole devices on one node."""
+
+    node: str
+    gpus: int
+    """Whole GPUs (0 in CPU mode)."""
+    cpus: float
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Where one Ray actor of a role sits in its reservation, and what it asks for."""
+
+    bundle: int
+    """Index into the reservation's bundles."""
+    gpus: float
+    """The actor's GPU ask from its bundle (1/share when colocated)."""
+    cpus: float
+    devices: tuple[int, ...]
+    """Bundles whose devices the actor drives: its own, or an engine's TP bundles."""
+
+
+COLOCATED = "colocated"
+"""Name of the one reservation colocated roles share."""
+
+
+@dataclass(frozen=True)
 class RolePlacement:
     """One role's slice of a plan: what `RayWorkerGroup` needs to place its ranks."""
 
@@ -67,6 +105,12 @@ class RolePlacement:
     use_gpus: bool
     share: int
     """How many roles time-share each device (1 when disaggregated)."""
+    reservation: str = ""
+    """The reservation the role's actors sit in: COLOCATED (shared) or the role's own name."""
+    bundles: tuple[Bundle, ...] = ()
+    """That reservation's bundles."""
+    seats: tuple[Seat, ...] = ()
+    """One per actor: one per rank, or a single one for an engine role."""
 
     @property
     def world_size(self) -> int:
@@ -90,6 +134,8 @@ class PlacementPlan:
     colocated: bool
     nodes: tuple[NodeSpec, ...] = ()
     use_gpus: bool = False
+    engines: frozenset[str] = frozenset()
+    """Roles placed as one actor driving all their devices (RoleSpec.engine)."""
 
     def devices_used(self) -> int:
         return len({s for slots in self.roles.values() for s in slots})
@@ -97,11 +143,45 @@ class PlacementPlan:
     def nodes_of(self, role: str) -> list[int]:
         return sorted({s.node for s in self.roles[role]})
 
+    def node_name(self, index: int) -> str:
+        return self.nodes[index].name if self.nodes else str(index)
+
+    @property
+    def share(self) -> int:
+        return len(self.roles) if self.colocated else 1
+
     def role(self, name: str) -> RolePlacement:
         slots = self.roles[name]
-        names = tuple(self.nodes[s.node].name if self.nodes else str(s.node) for s in slots)
-        share = len(self.roles) if self.colocated else 1
-        return RolePlacement(name, slots, names, self.use_gpus, share)
+        names = tuple(self.node_name(s.node) for s in slots)
+        reservation = COLOCATED if self.colocated else name
+        return RolePlacement(name, slots, names, self.use_gpus, self.share, reservation,
+                             self.bundles(reservation), self.seats(name))
+
+    def bundles(self, reservation: str) -> tuple[Bundle, ...]:
+        """The bundles of one reservation: COLOCATED, or a role's own (disaggregated)."""
+        gpu = 1 if self.use_gpus else 0
+        if reservation == COLOCATED:
+            # The largest role's slots are every device used; one whole device per bundle.
+            anchor = max(self.roles.values(), key=len)
+            return tuple(Bundle(self.node_name(s.node), gpu, 1.0) for s in anchor)
+        slots = self.roles[reservation]
+        if reservation in self.engines:  # its TP devices together, on one node (plan rule)
+            return (Bundle(self.node_name(slots[0].node), gpu * len(slots), 1.0),)
+        return tuple(Bundle(self.node_name(s.node), gpu, 1.0) for s in slots)
+
+    def seats(self, name: str) -> tuple[Seat, ...]:
+        """Where each actor of role `name` sits in its reservation."""
+        slots, gpu = self.roles[name], 1.0 if self.use_gpus else 0.0
+        if self.colocated:
+            # Rank r of every role takes 1/share of bundle r (the anchor lays bundles out in
+            # rank order, and every role's slots are a prefix of the anchor's).
+            part = 1.0 / self.share
+            if name in self.engines:
+                return (Seat(0, gpu * part, part, tuple(range(len(slots)))),)
+            return tuple(Seat(r, gpu * part, part, (r,)) for r in range(len(slots)))
+        if name in self.engines:
+            return (Seat(0, gpu * len(slots), 1.0, (0,)),)
+        return tuple(Seat(r, gpu, 1.0, (r,)) for r in range(len(slots)))
 
 
 def _as_list(roles: Mapping[str, RoleSpec] | Sequence[RoleSpec]) -> list[RoleSpec]:
@@ -182,7 +262,8 @@ def plan_placement(roles: Mapping[str, RoleSpec] | Sequence[RoleSpec], nodes: li
     else:
         free = [list(range(n)) for n in sizes]
         placed = {r.name: _take(r, free, kind, sum(sizes)) for r in specs}
-    plan = PlacementPlan(placed, colocated=colocate, nodes=tuple(nodes), use_gpus=use_gpus)
+    plan = PlacementPlan(placed, colocated=colocate, nodes=tuple(nodes), use_gpus=use_gpus,
+                         engines=frozenset(r.name for r in specs if r.engine))
     if use_gpus:
         _check_cpus(plan)
     return plan

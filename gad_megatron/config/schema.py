@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gad_megatron.data.config import DataConfig
 from gad_megatron.models.optim import OptimConfig
+from gad_megatron.models.perf import PerfConfig
 from gad_megatron.parallel.dist import ParallelLayout as ParallelConfig
 from gad_megatron.tracking.config import TrackingConfig
 
@@ -60,6 +61,8 @@ class ActorConfig:
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_paper_optim)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Memory/speed settings: sequence parallel, recompute, overlaps, fusions, TE refusal."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch (sequences are grouped until it is reached)."""
     policy_loss: str = "gspo"
@@ -97,6 +100,8 @@ class DiscriminatorConfig:
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_paper_optim)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Memory/speed settings (see ActorConfig.perf)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch."""
     score_eos: bool = True
@@ -125,6 +130,8 @@ class ReferenceConfig:
     """The frozen reference policy, for the KL term of the gad stage."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    """Memory/speed settings (forward only: the optimizer overlaps do not apply)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch."""
 
@@ -145,7 +152,13 @@ class RolloutConfig:
     bucket_mb: int = 512
     """Weight-sync bucket size: the peak extra memory of a sync is one bucket."""
     gpu_memory_utilization: float = 0.5
-    """vllm/sglang: share of GPU memory the engine may take."""
+    """vllm/sglang: share of GPU memory the engine may take (passed to the engine)."""
+    sleep_when_idle: bool = False
+    """Release the engine's memory between rollouts also when disaggregated (colocated runs
+    always do: the trainer's models need the devices between rollouts)."""
+    deterministic: bool = True
+    """sglang: turn on deterministic inference; without it SGLang ignores the per-sample
+    sampling seeds, so a seeded rollout would not be reproducible (costs some speed)."""
 
     def __post_init__(self) -> None:
         _one_of("engine", self.engine, ENGINES)
@@ -153,6 +166,9 @@ class RolloutConfig:
             raise ValueError("n, tp, max_new_tokens and bucket_mb must be >= 1")
         if not 0 < self.temperature or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)

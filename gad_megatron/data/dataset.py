@@ -98,6 +98,8 @@ def build_dataset(paths: Sequence[str], cfg: DataConfig, tokenizer: Any) -> Toke
             keys.extend(e.key for e in items)
             prompts.append(_flatten([e.prompt_ids for e in items]))
             teachers.append(_flatten([e.teacher_ids for e in items]))
+        if stats.file(str(path)).rows == 0:
+            raise DataError(f"{path}: no rows (an empty file)")
     if not keys:
         raise DataError(f"no usable rows in {', '.join(map(str, paths))}:\n{stats.summary()}")
     return TokenDataset(keys, *_join(prompts), *_join(teachers), stats=stats)
@@ -126,6 +128,8 @@ def validate_files(paths: Sequence[str], cfg: DataConfig,
                     encoder.encode(rows, stats, strict_lengths=False)
         except DataError as exc:  # missing or unreadable file: report it, check the rest
             fs.error = str(exc)
+        if fs.error is None and fs.rows == 0:
+            fs.error = "no rows (an empty file)"  # training refuses it too
     return stats
 
 

@@ -90,7 +90,8 @@ class Encoder:
             stats.add_length(row.source, "prompt_truncated", "", raise_=False)
             return ids[-limit:]  # keep the end: the question and the generation prompt
         if policy == "skip":
-            stats.add_length(row.source, "prompt_skipped", "", raise_=False)
+            stats.add_length(row.source, "prompt_skipped", _too_long(
+                row, row.prompt_field, len(ids), "max_prompt_len", limit), raise_=False)
             return None
         stats.add_length(row.source, "prompt_too_long", _too_long(
             row, row.prompt_field, len(ids), "max_prompt_len", limit), raise_=strict)
@@ -108,7 +109,9 @@ class Encoder:
                 ids[-1] = self.eos
             return ids
         if policy == "skip":
-            stats.add_length(row.source, "response_skipped", "", raise_=False)
+            stats.add_length(row.source, "response_skipped", _too_long(
+                row, self.cfg.response_field, len(ids), "max_response_len", limit),
+                raise_=False)
             return None
         stats.add_length(row.source, "response_too_long", _too_long(
             row, self.cfg.response_field, len(ids), "max_response_len", limit), raise_=strict)

@@ -93,7 +93,7 @@ class DataStats:
             raise DataError(message)
         fs = self.file(source)
         fs.length[event] += 1
-        if event.endswith("too_long"):
+        if event.endswith(("too_long", "skipped")) and message:
             self._note(fs, message)
 
     def _note(self, fs: FileStats, message: str) -> None:
@@ -116,6 +116,28 @@ class DataStats:
     @property
     def length(self) -> Counter:
         return sum((f.length for f in self.files.values()), Counter())
+
+    @property
+    def too_long(self) -> int:
+        """Rows refused for their length (policy `error`)."""
+        return sum(v for k, v in self.length.items() if k.endswith("too_long"))
+
+    @property
+    def dropped(self) -> int:
+        """Rows a `skip` policy left out of the dataset (malformed, or too long)."""
+        return sum(self.bad.values()) + sum(v for k, v in self.length.items()
+                                            if k.endswith("skipped"))
+
+    def dropped_report(self) -> str:
+        """One line per file that lost rows to a `skip` policy, with the first few rows."""
+        lines = []
+        for fs in self.files.values():
+            n = sum(fs.bad.values()) + sum(v for k, v in fs.length.items() if k.endswith("skipped"))
+            if n:
+                first = "; ".join(fs.messages[:3])
+                lines.append(f"{fs.path}: {n} of {fs.rows} rows skipped"
+                             + (f" (first: {first})" if first else ""))
+        return "\n".join(lines)
 
     @property
     def ok(self) -> bool:

@@ -1,8 +1,9 @@
 """Build a Megatron-Core `GPTModel` (this rank's TP/PP shard) from an HF architecture.
 
 Uses Transformer Engine's layer spec when TE is importable on a CUDA machine, and the local
-(pure PyTorch) spec otherwise. Parameter names differ between the two; the converter's name
-table covers both.
+(pure PyTorch) spec on CPU. On CUDA without TE the build is refused unless the role's
+`perf.allow_local_spec` asks for the local spec (models/perf.py says why). Parameter names
+differ between the two; the converter's name table covers both.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gad_megatron.models.hf_config import HFArch, check_parallel
+from gad_megatron.models.perf import PerfConfig, transformer_kwargs, use_te_spec
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,19 @@ class BuildOptions:
     init_weights: bool = True
     """Run the random init; turn off when weights are loaded right after (saves time)."""
     use_te: bool | None = None
-    """Use Transformer Engine's layer spec; None = when TE is importable and CUDA is present."""
+    """Use Transformer Engine's layer spec; None = when TE is importable and CUDA is present
+    (CUDA without TE is then refused unless perf.allow_local_spec)."""
     seq_length: int | None = None
     """Longest sequence the model will see (defaults to the HF max_position_embeddings)."""
+    perf: PerfConfig = PerfConfig()
+    """Memory/speed settings (sequence parallel, recompute, fusions, TE refusal)."""
 
 
-def te_available() -> bool:
-    """True when transformer_engine can be imported on a CUDA machine."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+def on_cuda() -> bool:
+    """This rank computes on a GPU (False on CPU, and under GAD_FORCE_CPU_PATCHES)."""
+    from gad_megatron.parallel.dist import device
+
+    return device().type == "cuda"
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -51,7 +58,8 @@ def transformer_config(arch: HFArch, tp: int, pp: int, opts: BuildOptions):
     from megatron.core.transformer import TransformerConfig
 
     check_parallel(arch, tp, pp)
-    on_gpu = torch.cuda.is_available()
+    on_gpu = on_cuda()
+    te_spec = resolve_te(opts)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -72,25 +80,37 @@ def transformer_config(arch: HFArch, tp: int, pp: int, opts: BuildOptions):
         pipeline_model_parallel_size=pp,
         params_dtype=opts.dtype,
         pipeline_dtype=opts.dtype,
+        # Micro-batches keep their own [B, T] (no padding to the batch's longest): stages
+        # exchange each activation's shape before it (one small message per send).
+        variable_seq_lengths=pp > 1,
+        # Dense models have no MoE; Megatron still refuses its default MoE dispatcher
+        # ("allgather") together with variable_seq_lengths.
+        moe_token_dispatcher_type="alltoall",
         bf16=opts.dtype == torch.bfloat16,
         fp16=opts.dtype == torch.float16,
         # Fused kernels need CUDA (and some need apex/TE); the unfused paths are the same maths.
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
         masked_softmax_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # sequence parallel, recompute, RoPE and grad-accumulation fusions (models/perf.py)
+        **transformer_kwargs(opts.perf, tp, on_gpu, te_spec),
         # The same full random init on every layout, so TP/PP runs are comparable.
         use_cpu_initialization=True,
         perform_initialization=opts.init_weights,
     )
 
 
-def layer_spec(arch: HFArch, use_te: bool | None = None):
-    """The transformer-layer ModuleSpec: TE's when available, else the local one."""
+def resolve_te(opts: BuildOptions) -> bool:
+    """Whether this build uses TE's layer spec (refuses CUDA without TE unless allowed)."""
+    te = importlib.util.find_spec("transformer_engine") is not None
+    return use_te_spec(on_cuda(), te, opts.use_te, opts.perf.allow_local_spec)
+
+
+def layer_spec(arch: HFArch, use_te: bool):
+    """The transformer-layer ModuleSpec: TE's, or the local one."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if use_te if use_te is not None else te_available():
+    if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
 
@@ -121,7 +141,7 @@ def build_gpt(arch: HFArch, tp: int, pp: int, opts: BuildOptions = BuildOptions(
     rope = arch.rope
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, opts.use_te),
+        transformer_layer_spec=layer_spec(arch, resolve_te(opts)),
         vocab_size=padded_vocab_size(arch.vocab_size, tp, opts.vocab_multiple),
         max_sequence_length=opts.seq_length or arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

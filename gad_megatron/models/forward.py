@@ -32,6 +32,13 @@ def model_inputs(mb: MicroBatch) -> dict[str, torch.Tensor]:
             "attention_mask": attention_mask(mb.valid)}
 
 
+def _unwrap(model):
+    """The module under DDP / Float16Module wrappers (which all keep it as `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def run_schedule(model, micro_batches: list[MicroBatch],
                  on_output: Callable[[torch.Tensor, MicroBatch], Any],
                  forward_only: bool = True) -> list[Any]:
@@ -48,10 +55,11 @@ def run_schedule(model, micro_batches: list[MicroBatch],
     from megatron.core import parallel_state as ps
 
     shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
-    if len(shapes) != 1 and ps.get_pipeline_model_parallel_world_size() > 1:
-        # Pipeline stages exchange activations of a fixed shape per call.
-        raise ValueError(f"all micro-batches must share one [B, T] shape for the pipeline, "
-                         f"got {sorted(shapes)}")
+    pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+    if len(shapes) != 1 and pipelined and not _unwrap(model).config.variable_seq_lengths:
+        # Without variable_seq_lengths, stages exchange activations of one fixed shape.
+        raise ValueError(f"all micro-batches must share one [B, T] shape for this pipeline "
+                         f"(variable_seq_lengths is off), got {sorted(shapes)}")
     b, t = max(shapes)
     it = iter(micro_batches)
 

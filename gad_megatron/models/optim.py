@@ -98,27 +98,30 @@ def _megatron_optimizer(ddp, cfg: OptimConfig):
         use_distributed_optimizer=cfg.use_distributed_optimizer), [ddp])
 
 
-def wrap_for_training(model, cfg: OptimConfig, total_steps: int = 1000):
+def wrap_for_training(model, cfg: OptimConfig, total_steps: int = 1000, perf=None):
     """(DDP-wrapped model, Megatron optimizer, LR scheduler) for one model shard.
 
     `model` is this rank's GPTModel (Megatron parallel state initialised); `total_steps` is
-    the decay horizon when `cfg.decay_steps` is None. Sets the hooks Megatron's schedules
+    the decay horizon when `cfg.decay_steps` is None; `perf` (models/perf.PerfConfig) sets
+    the gradient-reduce overlap. Sets the hooks Megatron's schedules
     read from the model config, as Megatron's own training loop does.
     """
     from megatron.core.distributed import (
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from gad_megatron.models.perf import PerfConfig, ddp_kwargs
+
     config = model.config
     config.calculate_per_token_loss = True  # shares are summed; see the module docstring
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.use_distributed_optimizer),
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
+            **ddp_kwargs(perf or PerfConfig())),
         module=model)
     optimizer = _megatron_optimizer(ddp, cfg)
-    # Grads reduce once per step in finalize_model_grads; no_sync keeps it that way should
-    # overlap_grad_reduce ever be turned on.
+    # Without overlap, grads reduce once per step in finalize_model_grads; with
+    # overlap_grad_reduce, no_sync holds the reduce back until the last micro-batch.
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss  # 1 in fp32/bf16; the loss scale in fp16

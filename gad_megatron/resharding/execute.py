@@ -7,12 +7,19 @@ replica 0 exports and the others return at once. The sending rank (TP 0, PP 0, D
 the stream into buckets of at most `bucket_bytes` (a larger tensor travels alone) and hands
 each to `transport.send`, then calls `transport.finish()`. The other ranks only take part in
 the collectives. Peak extra memory on the sender: one bucket plus the parameter being gathered.
+
+Every tensor put in a bucket owns exactly its bytes (`owned`): at TP=1 the export yields live
+parameters, and with the distributed optimizer those are views into one contiguous buffer.
+Pickling (Ray's object store) or CUDA-IPC sharing of a view ships its whole storage, so a 7B
+sync would send the 15 GB buffer once per small tensor.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+import torch
 
 from gad_megatron.checkpoint.hf_io import export_hf_tensors
 from gad_megatron.models.hf_config import HFArch
@@ -48,6 +55,19 @@ def is_sender() -> bool:
     return tp_rank == 0 and pp_rank == 0 and dp_rank == 0
 
 
+def owns_storage(tensor) -> bool:
+    """Whether `tensor` is exactly its storage: contiguous, offset 0, nothing more stored."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == nbytes)
+
+
+def owned(tensor):
+    """`tensor` itself when it owns its storage exactly, else a compact copy (detached)."""
+    tensor = tensor.detach()
+    return tensor if owns_storage(tensor) else tensor.clone(memory_format=torch.contiguous_format)
+
+
 class _Bucketer:
     """Packs (name, tensor) into buckets with the plan's rule and sends each one when full."""
 
@@ -62,7 +82,7 @@ class _Bucketer:
         nbytes = tensor.numel() * tensor.element_size()
         if closes_before(self.used, len(self.items), nbytes, self.bucket_bytes):
             self.flush()
-        self.items.append((name, tensor))
+        self.items.append((name, owned(tensor)))  # never a view into a larger storage
         self.used += nbytes
 
     def flush(self) -> None:

@@ -73,8 +73,12 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         bucket = [(name, t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc(_load_bucket_on_worker, args=(bucket,))
-        self.llm.reset_prefix_cache()
+        # One answer per worker: each must have loaded the whole bucket.
+        answers = self.llm.collective_rpc(_load_bucket_on_worker, args=(bucket,))
+        if list(answers) != [len(bucket)] * len(answers) or not answers:
+            raise RuntimeError(f"vLLM workers loaded {list(answers)} of {len(bucket)} tensors")
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
 
     def sleep(self) -> None:
         # level 1: weights to host memory, KV cache dropped; weights survive for `wake`.

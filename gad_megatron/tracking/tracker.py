@@ -99,12 +99,33 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
+def _changed(previous: dict | None, params: dict) -> dict[str, tuple[str, str]]:
+    """Flattened params whose text differs from the previous run's (key -> (old, new))."""
+    if not previous:
+        return {}
+    old = {k: _param_text(v) for k, v in redact_params(_flat(previous)).items()}
+    new = {k: _param_text(v) for k, v in redact_params(params).items()}
+    return {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]
+            and k != "git.commit"}
+
+
+def _reason(exc: BaseException) -> str:
+    """The short cause of a connection failure ('[Errno 111] Connection refused'), not the
+    whole chain of wrapped exceptions; secrets in URLs masked."""
+    text = redact_uri(str(exc))
+    errno = re.search(r"\[Errno -?\d+\][^'\")\]]*", text)
+    if errno:
+        return errno.group(0).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."
+
+
 class Tracker:
     """One MLflow run for one stage of a job; see the module docstring."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, stage: str, params: dict,
                  parent_run_id: str | None = None, tags: dict | None = None,
-                 resume: bool = False):
+                 resume: bool = False, previous_params: dict | None = None):
         self.cfg, self.stage = cfg, stage
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +143,16 @@ class Tracker:
             self._online, self._last_try = False, float("-inf")
         commit = git_commit()
         self._submit(self._start_record(commit, parent_run_id, tags or {}, resume))
-        self.log_params({**_flat(params), "git.commit": commit})
+        params = {**_flat(params), "git.commit": commit}
+        changed = _changed(previous_params, params) if resume else {}
+        if changed:
+            # MLflow params are write-once: a resumed run keeps the first values there and
+            # records each new one as a tag, rather than having the whole batch refused.
+            print("resuming with changed settings: " + ", ".join(
+                f"{k} {old} -> {new}" for k, (old, new) in changed.items()), flush=True)
+            self.set_tags({f"changed.{k}": f"{new} (was {old})"
+                           for k, (old, new) in changed.items()})
+        self.log_params({k: v for k, v in params.items() if k not in changed})
 
     @property
     def run_id(self) -> str | None:
@@ -323,12 +353,14 @@ class Tracker:
     def _outage(self, exc: BaseException) -> None:
         self._online, self._last_try = False, time.monotonic()
         message = (f"MLflow tracking store {redact_uri(self.uri)} does not answer "
-                   f"({redact_uri(str(exc))[:300]}). Training goes on; MLflow records are kept "
-                   f"in {self.run_dir / spool.SPOOL_FILE} and replayed when it answers "
-                   f"again (tried every {self.cfg.retry_s:g} s and at the end).")
+                   f"({_reason(exc)}); training goes on, its records are kept in "
+                   f"{self.run_dir / spool.SPOOL_FILE} and replayed when it answers again")
         if not self._warned:
             self._warned = True
-            warnings.warn(message, TrackingUnavailableWarning, stacklevel=4)
+            # warn_explicit with no source file: the warning prints as one line, without
+            # the Python source line `warnings.warn` would quote.
+            warnings.warn_explicit(message, TrackingUnavailableWarning,
+                                   filename="gad_megatron.tracking", lineno=0)
         else:
             log.info("tracking: %s", message)
 

@@ -24,7 +24,8 @@ class Roles:
 
 
 class LocalRollout:
-    """A rollout engine in this process; weights arrive through an in-process transport."""
+    """A rollout engine in this process; weights arrive through an in-process transport.
+    `engine` is a rollout/managed.py SleepingEngine (asleep between uses when enabled)."""
 
     def __init__(self, engine, bucket_bytes: int):
         self.engine, self.bucket_bytes = engine, bucket_bytes
@@ -36,13 +37,19 @@ class LocalRollout:
         from gad_megatron.resharding.transport import InProcessTransport
 
         actor.call_all("sync_weights", InProcessTransport(self.engine), self.bucket_bytes)
+        self.engine.end_sync()
 
 
 def _make_engine(cfg: GADConfig, inputs: RunInputs):
     from gad_megatron.rollout import make_engine
+    from gad_megatron.rollout.managed import SleepingEngine, engine_options
 
-    return make_engine(cfg.rollout.engine, inputs.hf_dir, tp=cfg.rollout.tp,
-                       eos_id=inputs.eos_id, pad_id=inputs.pad_id)
+    options = engine_options(cfg.rollout.engine, cfg.model.dtype, cfg.run.use_gpus,
+                             cfg.rollout.gpu_memory_utilization, cfg.rollout.deterministic)
+    engine = make_engine(cfg.rollout.engine, inputs.hf_dir, tp=cfg.rollout.tp,
+                         eos_id=inputs.eos_id, pad_id=inputs.pad_id, **options)
+    # Inline, every role shares this process's one device with the engine.
+    return SleepingEngine(engine, cfg.run.use_gpus or cfg.rollout.sleep_when_idle)
 
 
 def start_inline(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:

@@ -18,6 +18,7 @@ once restarted runs from step 0 and overwrote their good checkpoints.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -131,11 +132,22 @@ def save_checkpoint(roles, run_dir: Path, step: int, keep_last: int, hf_dir: str
     final = root / f"step_{step:07d}"
     partial = root / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    roles.actor.call_all("save", str(partial / "actor"), hf_dir)
-    if roles.disc is not None:
-        roles.disc.call_all("save", str(partial / "discriminator"))
-    write_atomic(partial / STATE_FILE, json.dumps({"step": step, **state}))
-    write_manifest(partial)
+    try:
+        roles.actor.call_all("save", str(partial / "actor"), hf_dir)
+        if roles.disc is not None:
+            roles.disc.call_all("save", str(partial / "discriminator"))
+        write_atomic(partial / STATE_FILE, json.dumps({"step": step, **state}))
+        write_manifest(partial)
+    except BaseException as exc:  # torch.distributed.checkpoint raises a BaseException
+        full = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else _disk_full(exc, root)
+        if full is None:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # give the space back; it was never complete
+        pointer = root / POINTER
+        kept = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise CheckpointError(f"disk full while saving {final.name} in {root} ({full}); the "
+                              f"partial save was removed and the latest checkpoint is still "
+                              f"{kept}") from None
     aside = root / f".{final.name}.old"
     if final.exists():  # e.g. a step saved again after a resume from an earlier checkpoint
         shutil.rmtree(aside, ignore_errors=True)
@@ -147,6 +159,32 @@ def save_checkpoint(roles, run_dir: Path, step: int, keep_last: int, hf_dir: str
     for old in older[: max(len(older) - (keep_last - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full(exc: BaseException, root: Path) -> str | None:
+    """Why a failed save looks like a full disk (None when it does not). ENOSPC does not
+    always survive: torch.save's zip writer reports a short write as 'unexpected pos', and
+    Ray or torch.distributed.checkpoint pass errors on as text. So the device is asked too:
+    less free space than the last complete checkpoint took is a full disk."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    if "No space left on device" in str(exc):
+        return "No space left on device"
+    where = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    done = complete_checkpoints(root.parent)
+    need = _size(done[-1]) if done else 1 << 20
+    if free < need:
+        return (f"{free / 2**20:.1f} MiB free on the device, the last checkpoint took "
+                f"{need / 2**20:.1f} MiB")
+    return None
+
+
+def _size(ckpt: Path) -> int:
+    return sum(json.loads((ckpt / MANIFEST).read_text())["files"].values())
 
 
 def restore(roles, ckpt: Path, loader) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from gad_megatron.config import GADConfig, Stage, to_dict
+from gad_megatron.config.loader import read_run_config
 from gad_megatron.trainer.checkpoints import (
     STATE_FILE, check_fresh_start, find_resume, restore, save_checkpoint, write_atomic)
 from gad_megatron.trainer.safety import SkipGuard, StopSignals
@@ -51,12 +52,14 @@ def train(cfg: GADConfig, backend: str = "ray",
 
     run_dir = Path(cfg.run.out_dir)
     ckpt = _checkpoint_to_resume(cfg, run_dir)
+    previous = read_run_config(run_dir) if ckpt is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     inputs = resolve_inputs(cfg)
-    loader = build_loader(cfg, inputs.tokenizer)
+    loader = build_loader(cfg, inputs.tokenizer, run_dir)
     total = cfg.train.steps or cfg.train.epochs * loader.batches_per_epoch
-    observer = RunObserver(cfg, run_dir, inputs.tokenizer, resuming=ckpt is not None)
+    observer = RunObserver(cfg, run_dir, inputs.tokenizer, resuming=ckpt is not None,
+                           previous_config=previous)
     roles = start_roles(cfg, inputs, total, backend)
     ctx = StepContext(cfg, roles.actor, roles.rollout, roles.disc, roles.ref,
                       roles.monitor, inputs.pad_id, inputs.eos_id)

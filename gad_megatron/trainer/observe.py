@@ -23,14 +23,16 @@ def sample_rows(pairs, tokenizer, limit: int = 8) -> list[dict]:
 class RunObserver:
     """Tracking (MLflow when enabled) and the health watch for one stage, in the driver."""
 
-    def __init__(self, cfg: GADConfig, run_dir: Path, tokenizer, resuming: bool):
+    def __init__(self, cfg: GADConfig, run_dir: Path, tokenizer, resuming: bool,
+                 previous_config: dict | None = None):
         from gad_megatron.tracking.tracker import Tracker, find_run_id
 
         self.tokenizer = tokenizer
         # The run this stage starts from (gad's warmup, a continued seqkd's) is its parent.
         parent = find_run_id(cfg.train.init_from) if cfg.train.init_from else None
         self.tracker = Tracker(cfg.tracking, run_dir, cfg.train.stage.value, to_dict(cfg),
-                               parent_run_id=parent, resume=resuming)
+                               parent_run_id=parent, resume=resuming,
+                               previous_params=previous_config)
         self.tracker.log_artifact(run_dir / "config.json")
 
     def on_step(self, step: int, metrics: dict, ctx) -> None:

@@ -15,17 +15,21 @@ from gad_megatron.workers.policy import ActorWorker, ReferenceWorker
 
 
 class EngineHost:
-    """Holds one rollout engine in its own process (a Ray actor)."""
+    """Holds one rollout engine in its own process (a Ray actor), asleep between uses when
+    `sleep_when_idle` (see rollout/managed.py)."""
 
-    def __init__(self, kind: str, hf_dir: str, tp: int, eos_id: int, pad_id: int):
+    def __init__(self, kind: str, hf_dir: str, tp: int, eos_id: int, pad_id: int,
+                 options: dict, sleep_when_idle: bool):
         import os
 
         import torch
 
         from gad_megatron.rollout import make_engine
+        from gad_megatron.rollout.managed import SleepingEngine
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self.engine = make_engine(kind, hf_dir, tp=tp, eos_id=eos_id, pad_id=pad_id)
+        engine = make_engine(kind, hf_dir, tp=tp, eos_id=eos_id, pad_id=pad_id, **options)
+        self.engine = SleepingEngine(engine, sleep_when_idle)
 
     def generate(self, *args, **kwargs):
         return self.engine.generate(*args, **kwargs)
@@ -33,6 +37,9 @@ class EngineHost:
     def update_weights(self, bucket) -> int:
         self.engine.update_weights(bucket)
         return len(bucket)
+
+    def end_sync(self) -> None:
+        self.engine.end_sync()
 
     def pid(self) -> int:
         import os
@@ -61,23 +68,77 @@ class RaySender:
         ray.get(self.handle.update_weights.remote(bucket), timeout=self.timeout_s)
 
 
-class RayRollout:
-    def __init__(self, cfg: GADConfig, inputs: RunInputs):
-        import ray
+def engine_env(local: bool, gpu_ids: list | None = None) -> dict[str, str]:
+    """The engine actor's environment: the workers' own (`worker_env`: socket interfaces
+    forced to `lo` only on a loopback-only cluster, else the cluster's own or NCCL's choice),
+    plus, for a colocated engine that drives several bundles' GPUs, those GPUs made visible
+    (Ray would narrow CUDA_VISIBLE_DEVICES to the one GPU of the actor's own bundle)."""
+    from gad_megatron.cluster.runtime import worker_env
 
-        from gad_megatron.cluster.runtime import worker_env
+    env = worker_env(local=local)
+    if gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+    return env
+
+
+def _bundle_gpu_ids() -> list:
+    import ray
+
+    return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", ())]
+
+
+def _probe_gpus(pg, bundles: tuple[int, ...], timeout_s: float) -> list[str]:
+    """The physical GPU ids of `bundles` of a whole-GPU reservation (a tiny task on each)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from gad_megatron.cluster.group import wait_for
+
+    probe = ray.remote(num_cpus=0, num_gpus=0.001)(_bundle_gpu_ids)
+    refs = [probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=b)).remote() for b in bundles]
+    return [ids[0] for ids in wait_for("rollout", refs, timeout_s)]
+
+
+class RayRollout:
+    """The engine as one Ray actor, seated where the placement plan put the rollout role:
+    its own reservation of its TP GPUs (disaggregated), or the bundle of its rank 0 in the
+    colocated reservation, with its ranks' GPUs made visible."""
+
+    def __init__(self, cfg: GADConfig, inputs: RunInputs, placement, pg=None):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from gad_megatron.cluster.group import reserve
+        from gad_megatron.cluster.runtime import is_local_cluster
+        from gad_megatron.rollout.managed import engine_options
 
         self.timeout_s = cfg.run.worker_timeout_s
         self.bucket_bytes = cfg.rollout.bucket_mb << 20
-        remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.run.use_gpus else 0)(EngineHost)
-        self.handle = remote.options(runtime_env={"env_vars": worker_env()}).remote(
-            cfg.rollout.engine, inputs.hf_dir, cfg.rollout.tp, inputs.eos_id, inputs.pad_id)
+        self.pg, self.owns_pg = pg, pg is None
+        if pg is None:
+            self.pg = reserve(placement.bundles, f"rollout-{id(self)}", self.timeout_s, "rollout")
+        seat = placement.seats[0]
+        gpu_ids = None
+        if placement.use_gpus and len(seat.devices) > 1:
+            gpu_ids = _probe_gpus(self.pg, seat.devices, self.timeout_s)
+        options = engine_options(cfg.rollout.engine, cfg.model.dtype, cfg.run.use_gpus,
+                                 cfg.rollout.gpu_memory_utilization, cfg.rollout.deterministic)
+        remote = ray.remote(EngineHost).options(
+            num_cpus=seat.cpus, num_gpus=seat.gpus, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=seat.bundle),
+            runtime_env={"env_vars": engine_env(is_local_cluster(), gpu_ids)})
+        self.handle = remote.remote(cfg.rollout.engine, inputs.hf_dir, cfg.rollout.tp,
+                                    inputs.eos_id, inputs.pad_id, options,
+                                    cfg.run.colocate or cfg.rollout.sleep_when_idle)
 
     def generate(self, *args, **kwargs):
         from gad_megatron.cluster.group import wait_for
 
         return wait_for("rollout", [self.handle.generate.remote(*args, **kwargs)],
-                        self.timeout_s)[0]
+                        self.timeout_s, call="generate")[0]
 
     def where(self) -> tuple[str, int]:
         from gad_megatron.cluster.group import wait_for
@@ -85,15 +146,20 @@ class RayRollout:
         return wait_for("rollout", [self.handle.where.remote()], self.timeout_s)[0]
 
     def sync_from(self, actor: Role) -> None:
+        from gad_megatron.cluster.group import wait_for
         from gad_megatron.resharding.transport import CallbackTransport
 
         transport = CallbackTransport(RaySender(self.handle, self.timeout_s))
         actor.call_all("sync_weights", transport, self.bucket_bytes)
+        wait_for("rollout", [self.handle.end_sync.remote()], self.timeout_s, call="end_sync")
 
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         ray.kill(self.handle)
+        if self.owns_pg:
+            remove_placement_group(self.pg)
 
 
 def role_specs(cfg: GADConfig, inputs: RunInputs) -> list:
@@ -107,7 +173,8 @@ def role_specs(cfg: GADConfig, inputs: RunInputs) -> list:
     if inputs.reference is not None:
         par = cfg.reference.parallel
         specs.append(RoleSpec("reference", par.world_size, par.tp))
-    specs.append(RoleSpec("rollout", cfg.rollout.tp, cfg.rollout.tp))
+    # One engine actor driving its own TP workers on `rollout.tp` devices of one node.
+    specs.append(RoleSpec("rollout", cfg.rollout.tp, cfg.rollout.tp, engine=True))
     return specs
 
 
@@ -132,10 +199,14 @@ def report_placement(groups: list, rollout: RayRollout) -> None:
 
 
 def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
-    from gad_megatron.cluster.group import RayWorkerGroup
-    from gad_megatron.cluster.runtime import start_ray, stop_ray
+    import os
 
     import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from gad_megatron.cluster.group import RayWorkerGroup, reserve
+    from gad_megatron.cluster.placement import COLOCATED
+    from gad_megatron.cluster.runtime import start_ray, stop_ray
 
     owns_ray = not ray.is_initialized()  # a caller that started Ray (the demo) keeps it
     start_ray(cfg.run)
@@ -150,13 +221,20 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
         stop_if_owned()
         raise
     seed, timeout, groups = cfg.train.seed, cfg.run.worker_timeout_s, []
+    shared = None  # colocated: the one reservation every role's actors sit in
 
     def group(role, cls, par, args):
-        g = RayWorkerGroup(role, cls, par.world_size, args, plan.role(role), timeout)
+        g = RayWorkerGroup(role, cls, par.world_size, args, plan.role(role), timeout, pg=shared)
         groups.append(g)
         return Role(role, g, par)
 
+    def release_shared() -> None:
+        if shared is not None:
+            remove_placement_group(shared)
+
     try:
+        if plan.colocated:
+            shared = reserve(plan.bundles(COLOCATED), f"colocated-{os.getpid()}", timeout)
         actor = group("actor", ActorWorker, cfg.actor.parallel,
                       (cfg.actor, inputs.actor, inputs.pad_id, seed, total_steps))
         disc = ref = None
@@ -167,11 +245,12 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
         if inputs.reference is not None:
             ref = group("reference", ReferenceWorker, cfg.reference.parallel,
                         (cfg.reference, inputs.reference, inputs.pad_id, seed))
-        rollout = RayRollout(cfg, inputs)
+        rollout = RayRollout(cfg, inputs, plan.role("rollout"), shared)
         report_placement(groups, rollout)
     except BaseException:
         for g in groups:
             g.shutdown()
+        release_shared()
         stop_if_owned()
         raise
 
@@ -179,6 +258,7 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
         rollout.shutdown()
         for g in groups:
             g.shutdown()
+        release_shared()
         stop_if_owned()
 
     return Roles(actor, rollout, disc, ref, shutdown)

@@ -40,18 +40,21 @@ class SkipGuard:
                 self.streak[prefix] = 0
             metrics[f"{prefix}skipped_steps"] = float(self.total[prefix])
             if self.streak[prefix] >= self.max_consecutive:
+                last = step - self.streak[prefix]
                 raise NonFiniteError(
                     f"{role}: {self.streak[prefix]} consecutive updates skipped at step {step} "
                     f"(train.max_skipped_steps={self.max_consecutive}) because "
-                    f"{_what(prefix, metrics)}; its weights are those of step "
-                    f"{step + 1 - self.streak[prefix]}")
+                    f"{_what(prefix, metrics)}; "
+                    + (f"its last applied update was at step {last}" if last >= 0 else
+                       "no update of this call was applied"))
 
 
 def _what(prefix: str, metrics: dict) -> str:
     kinds = [k for k in ("loss", "grad") if metrics.get(f"{prefix}nonfinite_{k}")]
-    named = [f"{k}={v}" for k, v in metrics.items()
-             if k.startswith(prefix) and isinstance(v, float) and not math.isfinite(v)
-             and not k.endswith("grad_norm")]
+    bad = [k for k, v in metrics.items() if k.startswith(prefix) and isinstance(v, float)
+           and not math.isfinite(v) and not k.endswith("grad_norm")]
+    bad.sort(key=lambda k: "loss" not in k)  # the losses first: they are what was skipped
+    named = [f"{k}={metrics[k]}" for k in bad]
     what = " and ".join({"loss": "the loss", "grad": "the gradient"}[k] for k in kinds)
     return f"{what or 'a quantity'} is not finite" + (f" ({', '.join(named[:4])})" if named else "")
 

@@ -132,8 +132,9 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
         monitor=disc if cfg.train.stage == Stage.GAD and cfg.train.frozen_d_monitor else None)
 
 
-def build_loader(cfg: GADConfig, tokenizer):
-    """The training batches: validated dataset, group-aware deterministic loader."""
+def build_loader(cfg: GADConfig, tokenizer, report_dir: str | Path | None = None):
+    """The training batches: validated dataset, group-aware deterministic loader. Rows a
+    skip policy dropped are reported on the console and in `report_dir`/data_report.json."""
     from gad_megatron.data import GroupLoader, build_dataset
 
     data = cfg.data.replace(prompts_per_batch=cfg.train.prompts_per_step)
@@ -141,4 +142,11 @@ def build_loader(cfg: GADConfig, tokenizer):
         raise ConfigError("data.train_files is empty: name the teacher-answer files "
                           "(or use configs/default.yaml, which builds the built-in task)")
     dataset = build_dataset(list(data.train_files), data, tokenizer)
+    if dataset.stats.dropped:  # a skip policy dropped rows: say so, and keep the record
+        print(f"data: {dataset.stats.dropped} rows skipped by the data.*_policy / on_bad_row "
+              f"settings:\n{dataset.stats.dropped_report()}", flush=True)
+        if report_dir is not None:
+            Path(report_dir).mkdir(parents=True, exist_ok=True)
+            (Path(report_dir) / "data_report.json").write_text(
+                json.dumps(dataset.stats.to_dict(), indent=2))
     return GroupLoader.from_config(dataset, data)

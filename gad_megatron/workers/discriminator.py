@@ -32,12 +32,12 @@ class DiscriminatorWorker:
         common.start_rank(cfg.parallel, seed)
         self.cfg, self.pad_id, self.eos_id = cfg, pad_id, eos_id
         self.arch = source.arch()
-        opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False)
+        opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False, perf=cfg.perf)
         model = common.to_device(build_discriminator(
             self.arch, cfg.parallel.tp, cfg.parallel.pp, opts, cfg.head_init_std))
         common.load_into(model, source, skip=(HEAD_PREFIX,))
         self.model, self.optimizer, self.scheduler = wrap_for_training(
-            model, cfg.optim, total_steps=total_steps)
+            model, cfg.optim, total_steps=total_steps, perf=cfg.perf)
 
     def pid(self) -> int:
         return common.pid()
@@ -49,7 +49,7 @@ class DiscriminatorWorker:
         from gad_megatron.parallel.dist import device
 
         mbs = micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id,
-                            uniform=common.pipeline_parallel(), keep_groups=keep_groups)
+                            keep_groups=keep_groups)
         for mb in mbs:
             mb.tokens, mb.valid = mb.tokens.to(device()), mb.valid.to(device())
         return mbs
@@ -119,9 +119,7 @@ class DiscriminatorWorker:
 
 
 def _row_scores(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-    rows = last_valid_scores(out, mb.valid)
-    real = torch.tensor([i >= 0 for i in mb.extra["index"]], device=rows.device)
-    return rows[real]
+    return last_valid_scores(out, mb.valid)
 
 
 def _pairs(rows: torch.Tensor, mb: MicroBatch, seqs: Sequences):
@@ -130,7 +128,7 @@ def _pairs(rows: torch.Tensor, mb: MicroBatch, seqs: Sequences):
     A sample whose tokens equal its teacher answer's gets the teacher's score *tensor*, so the
     pair's gap is exactly 0 and contributes no gradient: D cannot tell identical answers apart.
     """
-    index = [i for i in mb.extra["index"] if i >= 0]
+    index = mb.extra["index"]
     teacher_row: dict[int, int] = {}
     for row, i in enumerate(index):
         if seqs.fields["is_teacher"][i]:

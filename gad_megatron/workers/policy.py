@@ -15,6 +15,7 @@ from gad_megatron.config.schema import ActorConfig, ReferenceConfig
 from gad_megatron.models.builder import BuildOptions, build_gpt
 from gad_megatron.models.forward import MicroBatch, run_schedule
 from gad_megatron.models.logprobs import vocab_parallel_logprobs
+from gad_megatron.models.perf import PerfConfig
 from gad_megatron.workers import common
 from gad_megatron.workers.sequences import Sequences, micro_batches, per_sequence
 
@@ -24,35 +25,33 @@ def _position_tensor(values: list, mb: MicroBatch, dtype=torch.float32) -> torch
     mask = mb.extra["resp_mask"]
     out = torch.zeros(mask.shape, dtype=dtype)
     for row, i in enumerate(mb.extra["index"]):
-        if i >= 0:
-            out[row][mask[row]] = torch.as_tensor(values[i], dtype=dtype)
+        out[row][mask[row]] = torch.as_tensor(values[i], dtype=dtype)
     return out.to(mb.tokens.device)
 
 
 def _row_tensor(values: list, mb: MicroBatch) -> torch.Tensor:
-    """Per-sequence scalars -> [B] (0 for filler rows)."""
-    return torch.tensor([float(values[i]) if i >= 0 else 0.0 for i in mb.extra["index"]],
-                        device=mb.tokens.device)
+    """Per-sequence scalars -> [B]."""
+    return torch.tensor([float(values[i]) for i in mb.extra["index"]], device=mb.tokens.device)
 
 
 class PolicyModel:
     """A GPT shard that can compute response log-probs (shared by actor and reference)."""
 
     def __init__(self, source: common.WeightsSource, parallel, micro_batch_tokens: int,
-                 pad_id: int, seed: int):
+                 pad_id: int, seed: int, perf: PerfConfig = PerfConfig()):
         common.start_rank(parallel, seed)
         self.arch = source.arch()
         self.parallel = parallel
         self.budget = micro_batch_tokens
         self.pad_id = pad_id
-        opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False)
+        opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False, perf=perf)
         self.model = common.to_device(build_gpt(self.arch, parallel.tp, parallel.pp, opts))
         common.load_into(self.model, source)
 
     def batches(self, seqs: Sequences) -> list[MicroBatch]:
         from gad_megatron.parallel.dist import device
 
-        mbs = micro_batches(seqs, self.budget, self.pad_id, uniform=common.pipeline_parallel())
+        mbs = micro_batches(seqs, self.budget, self.pad_id)
         dev = device()
         for mb in mbs:
             mb.tokens, mb.valid = mb.tokens.to(dev), mb.valid.to(dev)
@@ -82,9 +81,10 @@ class ActorWorker:
         from gad_megatron.models.optim import wrap_for_training
 
         self.cfg = cfg
-        self.policy = PolicyModel(source, cfg.parallel, cfg.micro_batch_tokens, pad_id, seed)
+        self.policy = PolicyModel(source, cfg.parallel, cfg.micro_batch_tokens, pad_id, seed,
+                                  cfg.perf)
         self.model, self.optimizer, self.scheduler = wrap_for_training(
-            self.policy.model, cfg.optim, total_steps=total_steps)
+            self.policy.model, cfg.optim, total_steps=total_steps, perf=cfg.perf)
         self.policy.model = self.model  # forward through the DDP wrapper from now on
 
     def pid(self) -> int:
@@ -183,7 +183,8 @@ class ReferenceWorker:
 
     def __init__(self, cfg: ReferenceConfig, source: common.WeightsSource, pad_id: int,
                  seed: int = 1234):
-        self.policy = PolicyModel(source, cfg.parallel, cfg.micro_batch_tokens, pad_id, seed)
+        self.policy = PolicyModel(source, cfg.parallel, cfg.micro_batch_tokens, pad_id, seed,
+                                  cfg.perf)
         for p in self.policy.model.parameters():
             p.requires_grad_(False)
 

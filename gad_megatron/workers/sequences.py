@@ -79,22 +79,18 @@ def budget_chunks(lengths: list[int], token_budget: int, groups: list[int] | Non
     return chunks
 
 
-def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int, rows: int | None = None,
-                   width: int | None = None) -> MicroBatch:
-    """Right-padded tokens [B, T] of sequences `index`, with `extra`:
+def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int) -> MicroBatch:
+    """Right-padded tokens [B, T] of sequences `index` (T: their longest), with `extra`:
 
     - 'resp_mask' [B, T]: positions whose *next* token is a response token;
     - 'targets' [B, T]: the next token at each position (pad at the end);
-    - 'index': the sequence indices, or -1 for filler rows (padding up to `rows`, which the
-      pipeline schedule needs: all micro-batches of one call share one shape).
+    - 'index': the sequence index of each row.
     """
     lengths = [len(seqs.prompts[i]) + len(seqs.responses[i]) for i in index]
-    b = rows or len(index)
-    t = width or max(lengths)
+    b, t = len(index), max(lengths)
     tokens = torch.full((b, t), pad_id, dtype=torch.long)
     valid = torch.zeros(b, t, dtype=torch.bool)
     resp = torch.zeros(b, t, dtype=torch.bool)
-    valid[len(index):, 0] = True  # a filler row keeps one valid token so attention stays finite
     for row, i in enumerate(index):
         p, r = seqs.prompts[i], seqs.responses[i]
         tokens[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
@@ -103,25 +99,25 @@ def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int, rows: int | N
     targets = torch.full_like(tokens, pad_id)
     targets[:, :-1] = tokens[:, 1:]
     return MicroBatch(tokens, valid, {"resp_mask": resp, "targets": targets,
-                                      "index": list(index) + [-1] * (b - len(index))})
+                                      "index": list(index)})
 
 
-def micro_batches(seqs: Sequences, token_budget: int, pad_id: int, uniform: bool,
+def micro_batches(seqs: Sequences, token_budget: int, pad_id: int,
                   keep_groups: bool = False) -> list[MicroBatch]:
-    """All of `seqs` as micro-batches; `uniform` pads them to one shape (pipeline parallel)."""
+    """All of `seqs` as micro-batches, each padded only to its own longest row.
+
+    Also at PP>1: the pipeline exchanges each micro-batch's activation shape first
+    (Megatron's `variable_seq_lengths`, set by the builder when pp > 1). Padding every
+    micro-batch to the largest row count times the longest sequence of the whole batch
+    would cost up to rows x T_max activations per micro-batch.
+    """
     if len(seqs) == 0:
         return []
-    lengths = seqs.lengths()
-    chunks = budget_chunks(lengths, token_budget, seqs.group if keep_groups else None)
-    rows = max(len(c) for c in chunks) if uniform else None
-    width = max(lengths) if uniform else None
-    return [to_micro_batch(seqs, c, pad_id, rows, width) for c in chunks]
+    chunks = budget_chunks(seqs.lengths(), token_budget, seqs.group if keep_groups else None)
+    return [to_micro_batch(seqs, c, pad_id) for c in chunks]
 
 
 def per_sequence(values: torch.Tensor, mb: MicroBatch) -> list[np.ndarray]:
-    """Split [B, T] position values into per-sequence response arrays (filler rows dropped)."""
-    out = []
-    for row, i in enumerate(mb.extra["index"]):
-        if i >= 0:
-            out.append(values[row][mb.extra["resp_mask"][row]].detach().cpu().numpy())
-    return out
+    """Split [B, T] position values into per-sequence response arrays."""
+    return [values[row][mb.extra["resp_mask"][row]].detach().cpu().numpy()
+            for row in range(len(mb.extra["index"]))]

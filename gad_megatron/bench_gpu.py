@@ -1,0 +1,212 @@
+"""`make bench-gpu`: the GPU-only checks of issue 14, as measurements with a verdict each.
+
+    python -m gad_megatron.bench_gpu [--only te,sglang,logprobs,varlen] [--tokens 8192]
+                                     [--vocab 152064] [--model-dir DIR]
+
+- te (defect 10): on CUDA, building a GPT without Transformer Engine is refused unless
+  perf.allow_local_spec; with TE the TE spec is used.
+- sglang (defects 2, 3): a tiny model in SGLang: weights synced, then sleep and wake, then
+  greedy output unchanged (the CPU weight backup works); two seeded samplings agree.
+- logprobs (defect 11): peak CUDA memory of forward+backward of the token log-probs over
+  [tokens, vocab] bf16 logits, chunked (models/logprobs.py) vs the direct form.
+- varlen (defect 11): peak CUDA memory of one training forward+backward of a GPT over
+  variable-length micro-batches, padded to the batch's rows x longest (the old PP>1
+  layout) vs each at its own shape (what variable_seq_lengths lets PP>1 do).
+Every check says `skip: <why>` and the command exits 0 when its needs (CUDA, the package)
+are missing, so it runs anywhere; a check that fails says `FAIL` and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+CHECKS = ("te", "sglang", "logprobs", "varlen")
+
+
+@dataclass
+class Result:
+    check: str
+    status: str  # 'ok', 'skip' or 'FAIL'
+    detail: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="GPU checks of issue 14 (skip without CUDA)")
+    parser.add_argument("--only", default=",".join(CHECKS),
+                        help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--tokens", type=int, default=8192, help="logprobs: positions")
+    parser.add_argument("--vocab", type=int, default=152064, help="logprobs: vocabulary")
+    parser.add_argument("--model-dir", default="", help="sglang: an HF model dir (default: "
+                        "a tiny random Qwen3 written to a temporary directory)")
+    args = parser.parse_args(argv)
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(args.only) - set(CHECKS))
+    if unknown:
+        parser.error(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
+    if args.tokens < 1 or args.vocab < 2:
+        parser.error("--tokens must be >= 1 and --vocab >= 2")
+    return args
+
+
+def _needs_cuda(check: str) -> Result | None:
+    import torch
+
+    return None if torch.cuda.is_available() else Result(check, "skip", "no CUDA device")
+
+
+def check_te(args) -> Result:
+    import importlib.util
+
+    from gad_megatron.models.builder import BuildOptions, resolve_te
+    from gad_megatron.models.perf import LocalSpecRefused, PerfConfig
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return (Result("te", "ok", "transformer_engine present: TE layer spec")
+                if resolve_te(BuildOptions()) else Result("te", "FAIL", "TE present, unused"))
+    try:
+        resolve_te(BuildOptions())
+    except LocalSpecRefused:
+        allowed = resolve_te(BuildOptions(perf=PerfConfig(allow_local_spec=True)))
+        return Result("te", "ok" if allowed is False else "FAIL",
+                      "no TE: refused by default, local spec only when allowed")
+    return Result("te", "FAIL", "CUDA without TE was not refused")
+
+
+def check_sglang(args) -> Result:
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    if importlib.util.find_spec("sglang") is None:
+        return Result("sglang", "skip", "sglang is not installed (make setup-gpu ENGINE=sglang)")
+    import torch
+
+    from gad_megatron.rollout import make_engine
+    from gad_megatron.rollout.hf_engine import HFEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or _tiny_model(Path(tmp) / "m")
+        engine = make_engine("sglang", model_dir, eos_id=99, pad_id=0, dtype="bfloat16",
+                             gpu_memory_utilization=0.3)
+        g = torch.Generator().manual_seed(0)
+        new = [(n, p.detach().cpu() + 0.05 * torch.randn(p.shape, generator=g))
+               for n, p in HFEngine.from_pretrained(model_dir, eos_id=99).state_dict().items()]
+        engine.update_weights(new)
+        prompts, kw = [[1, 2, 3], [4, 5]], dict(top_p=1.0, max_new_tokens=8)
+        before = engine.generate(prompts, n=1, temperature=0.0, seed=0, **kw).responses
+        engine.sleep()
+        engine.wake()
+        after = engine.generate(prompts, n=1, temperature=0.0, seed=0, **kw).responses
+        seeded = [engine.generate(prompts, n=4, temperature=1.0, seed=7, **kw).responses
+                  for _ in range(2)]
+    problems = [p for p, bad in (("weights changed by sleep/wake", before != after),
+                                 ("seeded samplings differ", seeded[0] != seeded[1])) if bad]
+    return Result("sglang", "FAIL" if problems else "ok",
+                  "; ".join(problems) or "sync, sleep, wake: same greedy output; seeds agree")
+
+
+def _tiny_model(path) -> str:
+    from tests.tiny_models import make_hf_model  # the test suite's tiny random models
+
+    return str(make_hf_model("qwen3", path))
+
+
+def _peak(fn) -> int:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def check_logprobs(args) -> Result:
+    import torch
+
+    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+
+    logits = torch.randn(1, args.tokens, args.vocab, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, args.vocab, (1, args.tokens), device="cuda")
+
+    def chunked():
+        x = logits.clone().requires_grad_(True)
+        lp, ent = vocab_parallel_logprobs(x, targets, args.vocab, 0.8, with_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+
+    def direct():
+        x = logits.clone().requires_grad_(True)
+        logp = torch.log_softmax(x.float() / 0.8, dim=-1)
+        lp = logp.gather(-1, targets.unsqueeze(-1))
+        (lp.sum() - (logp.exp() * logp).sum()).backward()
+
+    got, ref = _peak(chunked), _peak(direct)
+    gib = 1 << 30
+    status = "ok" if got < ref else "FAIL"
+    return Result("logprobs", status, f"peak {got / gib:.2f} GiB chunked vs {ref / gib:.2f} GiB "
+                                      f"direct ({got / ref:.2f}x) at {args.tokens}x{args.vocab}")
+
+
+def check_varlen(args) -> Result:
+    from gad_megatron.parallel.launch import spawn_ranks
+
+    padded, own = spawn_ranks(_varlen_rank, 1, timeout_s=600, backend="nccl")[0]
+    gib = 1 << 30
+    return Result("varlen", "ok" if own < padded else "FAIL",
+                  f"peak {own / gib:.2f} GiB at own shapes vs {padded / gib:.2f} GiB padded")
+
+
+def _varlen_rank(rank: int, world: int):
+    import torch
+
+    from gad_megatron.models.builder import BuildOptions, build_gpt
+    from gad_megatron.models.forward import MicroBatch, run_schedule
+    from gad_megatron.models.hf_config import parse_hf_config
+    from gad_megatron.bench import SYNC_MODEL
+    from gad_megatron.parallel.dist import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())  # one rank: the padding cost is the same per stage
+    arch = parse_hf_config({**SYNC_MODEL, "max_position_embeddings": 4096})
+    model = build_gpt(arch, 1, 1, BuildOptions(dtype=torch.bfloat16,
+                                               perf=_local_ok())).cuda()
+    lengths = [4096, 256, 256, 512, 128, 128, 1024, 64]  # one long answer, many short
+
+    def batches(pad: bool):
+        width = max(lengths)
+        return [MicroBatch(torch.ones(1, width if pad else n, dtype=torch.long, device="cuda"),
+                           torch.ones(1, width if pad else n, dtype=torch.bool,
+                                      device="cuda"), {}) for n in lengths]
+
+    def run(pad: bool):
+        model.zero_grad(set_to_none=True)
+        run_schedule(model, batches(pad), lambda o, mb: (o.float().mean(), 0, {}),
+                     forward_only=False)
+
+    return _peak(lambda: run(True)), _peak(lambda: run(False))
+
+
+def _local_ok():
+    from gad_megatron.models.perf import PerfConfig
+
+    return PerfConfig(allow_local_spec=True)  # the measurement is about shapes, any spec
+
+
+RUNNERS = {"te": check_te, "sglang": check_sglang, "logprobs": check_logprobs,
+           "varlen": check_varlen}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = []
+    for check in args.only:
+        result = _needs_cuda(check) or RUNNERS[check](args)
+        results.append(result)
+        print(f"{result.check:<9} {result.status:<5} {result.detail}", flush=True)
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
