@@ -3,6 +3,8 @@
 #   make gad    [train.init_from=DIR]   (default: the warmup run of the same RUN_ROOT)
 #   make export [STAGE=warmup|gad|seqkd] [DISCRIMINATOR=1]     make eval [STAGE=...]
 #   make demo   the embedded-default main job
+#   make warmup SLURM=1 NODES=2 [PARTITION=p] [SBATCH_ARGS="--time=4:00:00"] [key=value ...]
+#               submits the stage to Slurm (slurm/gad.sbatch) and prints the job id and log
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -15,16 +17,25 @@ RUN_ROOT ?= runs/default
 BACKEND  ?= ray
 PYTEST_ARGS ?=
 # Command-line `key=value` words that are config overrides (not this Makefile's variables).
-OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=%,$(MAKEOVERRIDES))
 # Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
 LAUNCH   ?=
 GAD      := $(LAUNCH) $(PY) -m gad_megatron
 # The one command every stage target runs.
-stage_cmd = $(GAD) train $(or $(3),$(CONFIG)) --backend $(BACKEND) train.stage=$(1) run.out_dir=$(RUN_ROOT)/$(1) $(2) $(OVERRIDES)
+local_cmd = $(GAD) train $(or $(3),$(CONFIG)) --backend $(BACKEND) train.stage=$(1) run.out_dir=$(RUN_ROOT)/$(1) $(2) $(OVERRIDES)
+# SLURM=1: the same stage, config and overrides, submitted as slurm/gad.sbatch (which adds
+# run.ray_address); the job's log goes to RUN_ROOT/logs/STAGE-JOBID.out.
+SLURM    ?=
+NODES    ?= 1
+PARTITION ?=
+SBATCH_ARGS ?=
+LOG_DIR   = $(abspath $(RUN_ROOT))/logs
+slurm_cmd = mkdir -p $(LOG_DIR) && jid=$$(GAD_PYTHON=$(abspath $(PY)) GAD_LOG_DIR=$(LOG_DIR) sbatch --parsable --nodes=$(NODES) $(if $(PARTITION),--partition=$(PARTITION)) --job-name=gad-$(1) --output=$(LOG_DIR)/$(1)-%j.out $(SBATCH_ARGS) slurm/gad.sbatch $(1) $(or $(3),$(CONFIG)) run.out_dir=$(RUN_ROOT)/$(1) $(2) $(OVERRIDES)) && jid=$${jid%%;*} && echo "submitted $(1) as Slurm job $$jid on $(NODES) node(s); log: $(LOG_DIR)/$(1)-$$jid.out"
+stage_cmd = $(if $(filter 1,$(SLURM)),$(slurm_cmd),$(local_cmd))
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
-.PHONY: setup test test-faults fuzz test-gpu bench task warmup gad seqkd eval export demo clean setup-gpu bench-gpu
+.PHONY: setup test test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean setup-gpu bench-gpu
 
 setup: $(STAMP)
 
@@ -42,6 +53,11 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Slurm cluster tests: a real two-node local cluster (installed by slurm/ci/install.sh).
+test-cluster: setup
+	bash slurm/ci/install.sh
+	$(PY) -m pytest -q -m cluster tests/test_slurm_cluster.py $(PYTEST_ARGS)
 
 # The fault-injection tests (also part of `make test`), then docs/reliability.md from their
 # own results.

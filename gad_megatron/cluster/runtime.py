@@ -48,7 +48,10 @@ def start_ray(run_cfg) -> None:
     if ray.is_initialized():
         return
     if run_cfg.ray_address:
+        # On a host with several Ray nodes (or interfaces) the launcher says which node this
+        # driver is on (slurm/gad.sbatch sets GAD_RAY_NODE_IP to the node's Slurm address).
         ray.init(address=run_cfg.ray_address, include_dashboard=False,
+                 _node_ip_address=os.environ.get("GAD_RAY_NODE_IP") or None,
                  runtime_env={"env_vars": worker_env(local=False)})
         return
     ray.init(address="local", num_cpus=run_cfg.num_cpus or None, include_dashboard=False,

@@ -46,6 +46,14 @@ class EngineHost:
 
         return os.getpid()
 
+    def where(self) -> tuple[str, int]:
+        """(node address, pid) of this engine's process."""
+        import os
+
+        import ray
+
+        return ray.util.get_node_ip_address(), os.getpid()
+
 
 class RaySender:
     """Ships one bucket of HF-named tensors to the engine actor (called on the actor's
@@ -132,6 +140,11 @@ class RayRollout:
         return wait_for("rollout", [self.handle.generate.remote(*args, **kwargs)],
                         self.timeout_s, call="generate")[0]
 
+    def where(self) -> tuple[str, int]:
+        from gad_megatron.cluster.group import wait_for
+
+        return wait_for("rollout", [self.handle.where.remote()], self.timeout_s)[0]
+
     def sync_from(self, actor: Role) -> None:
         from gad_megatron.cluster.group import wait_for
         from gad_megatron.resharding.transport import CallbackTransport
@@ -173,6 +186,16 @@ def check_placement(cfg: GADConfig, inputs: RunInputs):
 
     return plan_placement(role_specs(cfg, inputs), cluster_nodes(cfg.run.use_gpus),
                           colocate=cfg.run.colocate, use_gpus=cfg.run.use_gpus)
+
+
+def report_placement(groups: list, rollout: RayRollout) -> None:
+    """One line per rank saying where it runs: a multi-node job's log shows the spread."""
+    for g in groups:
+        for info in g.ranks:
+            print(f"worker {g.role} rank {info.rank} on node {info.node} (pid {info.pid})",
+                  flush=True)
+    node, pid = rollout.where()
+    print(f"worker rollout rank 0 on node {node} (pid {pid})", flush=True)
 
 
 def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
@@ -223,6 +246,7 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
             ref = group("reference", ReferenceWorker, cfg.reference.parallel,
                         (cfg.reference, inputs.reference, inputs.pad_id, seed))
         rollout = RayRollout(cfg, inputs, plan.role("rollout"), shared)
+        report_placement(groups, rollout)
     except BaseException:
         for g in groups:
             g.shutdown()
