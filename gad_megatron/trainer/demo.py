@@ -80,6 +80,20 @@ def summary_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def pin_threads() -> None:
+    """One intra-op thread in the driver and (through OMP_NUM_THREADS, which worker_env
+    passes on) in every worker: the order of a matmul's partial sums depends on the thread
+    count, and a last-bit difference flips a greedy argmax now and then. With one thread the
+    table is the same on every machine with the same CPU kind and library versions,
+    whatever its core count or an inherited OMP_NUM_THREADS."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps: int = 100,
              overrides: tuple[str, ...] = (), baseline: bool = True) -> str:
     """The whole pipeline; returns the summary table (also written to ROOT/summary.md).
@@ -93,6 +107,7 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
 
     root = Path(root)
     started = time.perf_counter()
+    pin_threads()
     if not (root / "task" / "train.jsonl").exists():
         write_task(root / "task", n_train=4000, n_test=200, seed=0)
     cfg = load_config(DEMO_CONFIGS["warmup"], [
