@@ -74,7 +74,7 @@ def _train(task: Path, out: Path, stage: str, config: str, steps: int, seed: int
              f"data.eval_files={task / 'test.jsonl'}"]
     if init_from is not None:
         extra.append(f"train.init_from={init_from}")
-    if not (out / "latest").exists():
+    if not (out / "checkpoints" / "latest").exists():  # finished before: reuse it
         train(load_config(config, extra + overrides), backend=backend)
     return out
 
@@ -87,6 +87,11 @@ def _evaluate(run: Path, task: Path, budget: Budget, seed: int, cfg) -> dict:
     from gad_megatron.rollout import make_engine
     from gad_megatron.trainer.setup import latest_checkpoint
 
+    import json
+
+    cache = run / f"styles_eval_n{budget.n_eval}_s{budget.n_samples}_seed{seed}.json"
+    if cache.is_file():  # evaluated before with the same sizes: the same figures
+        return json.loads(cache.read_text())
     hf_dir = export_student(run, latest_checkpoint(str(run)))
     tokenizer = load_tokenizer(str(hf_dir))
     eos = eos_id(tokenizer, cfg.data.eos_token)
@@ -99,6 +104,7 @@ def _evaluate(run: Path, task: Path, budget: Budget, seed: int, cfg) -> dict:
                                     n_samples=budget.n_samples,
                                     temperature=cfg.rollout.temperature,
                                     max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
+    cache.write_text(json.dumps(out, indent=1))
     return out
 
 
