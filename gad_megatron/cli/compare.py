@@ -28,7 +28,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/styles", help="job directory (finished runs in it "
                                                         "are reused)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--warmup-steps", type=int, default=150)
+    p.add_argument("--warmup-steps", type=int, default=500,
+                   help="warmup steps (default 500: at 150 the student's training rollouts "
+                        "were still mostly unparseable)")
     p.add_argument("--steps", type=int, default=100,
                    help="steps of every arm after the warmup (equal for all)")
     p.add_argument("--n-train", type=int, default=4000, help="training rows of the task")

@@ -33,7 +33,7 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
 
-_GAD = "configs/default_gad.yaml"
+_GAD = "configs/styles_gad.yaml"
 STUDIES: dict[str, tuple[Arm, ...]] = {
     "compare": (Arm("warmup only", None), Arm("warmup+seqkd", "seqkd"),
                 Arm("warmup+gad", "gad", _GAD)),
@@ -56,7 +56,7 @@ COLUMNS = (("test", "accept_sampled", "accept@0.8 ID"), ("test", "accept_greedy"
 class Budget:
     """Sizes of one study (the CI version shrinks every one of them)."""
 
-    warmup_steps: int = 150
+    warmup_steps: int = 500
     steps: int = 100
     n_train: int = 4000
     n_eval: int = 100
