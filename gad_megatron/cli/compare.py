@@ -9,7 +9,8 @@ def _compare(args: argparse.Namespace) -> int:
     from gad_megatron.trainer.compare import Budget, run_study
 
     budget = Budget(warmup_steps=args.warmup_steps, steps=args.steps, n_train=args.n_train,
-                    n_eval=args.n_eval, n_samples=args.n_samples, backend=args.backend)
+                    n_eval=args.n_eval, n_samples=args.n_samples, backend=args.backend,
+                    gad_config=args.gad_config)
     text = run_study(args.out, args.study, tuple(args.seeds), budget, tuple(args.overrides))
     print(f"\nstyles task, study '{args.study}', seeds {args.seeds} (mean ± sd); acceptance = "
           f"share of answers the teacher's own test accepts\n\n{text}\n\n"
@@ -37,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--n-eval", type=int, default=100,
                    help="prompts of each evaluation split (in distribution, OOD)")
     p.add_argument("--n-samples", type=int, default=4, help="sampled answers per prompt")
+    p.add_argument("--gad-config", default="configs/default_gad.yaml",
+                   help="config of the gad arms (default: the demo's, actor lr 3e-5; "
+                        "configs/styles_gad.yaml: lr 1e-4)")
     p.add_argument("--backend", default="inline", choices=["inline", "ray"])
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     p.set_defaults(func=_compare)

@@ -33,7 +33,7 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
 
-_GAD = "configs/styles_gad.yaml"
+_GAD = "configs/default_gad.yaml"
 STUDIES: dict[str, tuple[Arm, ...]] = {
     "compare": (Arm("warmup only", None), Arm("warmup+seqkd", "seqkd"),
                 Arm("warmup+gad", "gad", _GAD)),
@@ -62,6 +62,8 @@ class Budget:
     n_eval: int = 100
     n_samples: int = 4
     backend: str = "inline"
+    gad_config: str = _GAD
+    """The config of every gad arm (configs/styles_gad.yaml: actor lr 1e-4)."""
 
 
 def _train(task: Path, out: Path, stage: str, config: str, steps: int, seed: int,
@@ -124,9 +126,12 @@ def run_seed(root: Path, study: str, seed: int, budget: Budget, overrides: list[
     for arm in STUDIES[study]:
         run = bases[arm.base]
         if arm.stage is not None:
+            config = budget.gad_config if arm.config == _GAD else arm.config
             # Named by what is trained, not by the label: studies share identical arms.
-            name = "-".join([arm.base, arm.stage, *(o.split(".")[-1] for o in arm.overrides)])
-            run = _train(task, base / name, arm.stage, arm.config,
+            stem = "" if config in (_GAD, "configs/default.yaml") else "@" + Path(config).stem
+            name = "-".join([arm.base, arm.stage + stem,
+                             *(o.split(".")[-1] for o in arm.overrides)])
+            run = _train(task, base / name, arm.stage, config,
                          budget.steps, seed, bases[arm.base], [*arm.overrides, *overrides],
                          budget.backend)
         results[arm.label] = _evaluate(run, task, budget, seed, cfg)
