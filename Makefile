@@ -17,7 +17,7 @@ RUN_ROOT ?= runs/default
 BACKEND  ?= ray
 PYTEST_ARGS ?=
 # Command-line `key=value` words that are config overrides (not this Makefile's variables).
-OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=% STYLES_ROOT=% COMPARE_ARGS=%,$(MAKEOVERRIDES))
 # Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
 LAUNCH   ?=
 GAD      := $(LAUNCH) $(PY) -m gad_megatron
@@ -35,7 +35,8 @@ stage_cmd = $(if $(filter 1,$(SLURM)),$(slurm_cmd),$(local_cmd))
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
-.PHONY: setup test test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean setup-gpu bench-gpu
+.PHONY: setup test test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean \
+	setup-gpu bench-gpu check-readme compare ablation-frozen-d ablation-warmup ablation-remedies ablations
 
 setup: $(STAMP)
 
@@ -121,10 +122,36 @@ eval: setup
 
 # The main job on the embedded default: built-in task -> warmup -> gad -> evaluation (CPU).
 demo: setup
-	$(GAD) demo --out runs/demo $(OVERRIDES)
+	$(GAD) demo --out runs/demo $(if $(OVERRIDES),,--table-out docs/demo_output.txt) $(OVERRIDES)
 
 export: setup
 	$(GAD) export --run $(RUN_ROOT)/$(or $(STAGE),gad) $(if $(DISCRIMINATOR),--discriminator)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# --- The styles task (a stochastic, multimodal teacher): seeded studies, docs/training.md ---
+#   make compare             GAD vs SeqKD vs warmup only, 3 seeds, mean ± sd, in and out of
+#                            distribution (also the first ablation of the paper)
+#   make ablation-frozen-d   D updated every step vs D frozen after warmup
+#   make ablation-warmup     gad with vs without the warmup stage
+#   make ablation-remedies   gad with discriminator.normalize_scores / adaptive_temperature
+# They share STYLES_ROOT, so the warmups (and identical arms) are trained once.
+STYLES_ROOT ?= runs/styles
+COMPARE_ARGS ?=
+# Only key=value words (a COMPARE_ARGS="--seeds 0 1" on the command line splits into words).
+STYLE_OVERRIDES = $(foreach w,$(OVERRIDES),$(if $(findstring =,$(w)),$(w)))
+compare: setup
+	$(GAD) compare --study compare --out $(STYLES_ROOT) $(COMPARE_ARGS) $(STYLE_OVERRIDES)
+
+ablation-frozen-d ablation-warmup ablation-remedies: setup
+	$(GAD) compare --study $(patsubst ablation-%,%,$@) --out $(STYLES_ROOT) $(COMPARE_ARGS) $(STYLE_OVERRIDES)
+
+ablations: compare ablation-frozen-d ablation-warmup ablation-remedies
+
+# The README quotes docs/demo_output.txt (what `make demo` writes); after a `make demo`, its
+# runs/demo/summary.md is checked too.
+check-readme: setup
+	$(PY) -c "from gad_megatron.trainer.demo import check_readme as c; c('README.md', 'docs/demo_output.txt')"
+	@if [ -f runs/demo/summary.md ]; then $(PY) -c "from gad_megatron.trainer.demo import check_readme as c; c('README.md', 'runs/demo/summary.md')"; fi
+	@echo "README demo table: as make demo prints it"

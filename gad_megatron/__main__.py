@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order here is the order in `--help`.
-COMMANDS = ("convert", "data", "train", "eval", "export", "demo")
+COMMANDS = ("convert", "data", "train", "eval", "export", "demo", "compare")
 
 DESCRIPTION = """Generative adversarial distillation (GAD) of a black-box teacher's answers into
 an open student model, on Megatron-Core workers coordinated by Ray.

@@ -9,6 +9,7 @@ from gad_megatron.algorithms.aggregate import AGG_MODES, aggregate, aggregate_no
 from gad_megatron.algorithms.discriminator import (
     adaptive_temperature,
     bradley_terry_loss,
+    discriminator_loss,
     discriminator_metrics,
     normalize_scores,
     score_regularizer,
@@ -30,6 +31,7 @@ __all__ = [
     "aggregate",
     "aggregate_normalizer",
     "bradley_terry_loss",
+    "discriminator_loss",
     "discriminator_metrics",
     "grpo_advantages",
     "kl_estimate",

@@ -5,7 +5,8 @@ so that the teacher's response outscores each student response to the same promp
 P(teacher preferred) = sigmoid((t - s - margin) / temperature).
 
 The remedies (`adaptive_temperature`, `score_regularizer`, `normalize_scores`) are small,
-separate functions the caller composes; none is applied by `bradley_terry_loss` itself. They
+separate functions; none is applied by `bradley_terry_loss` itself. `discriminator_loss`
+composes them in one fixed order, as the config turns them on (DiscriminatorConfig). They
 target the failure seen in practice: D gets over-confident (d_acc ~ 0.94, score gap ~ 10),
 the sigmoid saturates and the student's reward stops carrying a useful gradient.
 """
@@ -159,3 +160,44 @@ def discriminator_metrics(
         if n:
             out["identical_abs_gap"] = ((t - s).abs()[same].mean().item())
     return out
+
+
+def discriminator_loss(
+    teacher_scores: torch.Tensor,
+    student_scores: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    margin: float = 0.0,
+    normalize: bool = False,
+    normalize_eps: float = 1e-6,
+    adaptive: tuple[float, float, float] | None = None,
+    reg_weight: float = 0.0,
+    reg_threshold: float = 5.0,
+) -> torch.Tensor:
+    """The BT loss with the configured remedies, composed in one fixed order.
+
+    1. `normalize`: t, s <- normalize_scores(t, s, normalize_eps) (one affine map for both).
+    2. `adaptive` = (scale, lo, hi): T = adaptive_temperature(t - s, temperature, scale, lo,
+       hi), the gap taken *after* step 1 (so with both on, T sees the normalised gap);
+       None keeps T = `temperature`.
+    3. loss = bradley_terry_loss(t, s, T, margin)
+    4. `reg_weight` > 0: + score_regularizer(cat[t, s], reg_threshold, reg_weight), on the
+       *raw* scores (the regulariser exists to keep raw scores in the sigmoid's range,
+       which normalisation would hide).
+
+    Args: paired scores [B] (teacher repeated per student sample). Returns a scalar.
+    With every option at its default this is exactly `bradley_terry_loss(t, s)`.
+    """
+    _check_pair(teacher_scores, student_scores)
+    t, s = teacher_scores, student_scores
+    if normalize:
+        t, s = normalize_scores(t, s, normalize_eps)
+    temp = temperature
+    if adaptive is not None:
+        scale, lo, hi = adaptive
+        temp = adaptive_temperature(t - s, temperature, scale, lo, hi)
+    loss = bradley_terry_loss(t, s, temp, margin)
+    if reg_weight > 0:
+        loss = loss + score_regularizer(
+            torch.cat([teacher_scores, student_scores]), reg_threshold, reg_weight)
+    return loss

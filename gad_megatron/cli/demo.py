@@ -11,6 +11,10 @@ def _demo(args: argparse.Namespace) -> int:
     table = run_demo(args.out, args.warmup_steps, args.gad_steps, tuple(args.overrides),
                      baseline=not args.no_baseline)
     print("\n" + table)
+    if args.table_out:  # `make demo` keeps docs/demo_output.txt, which the README quotes
+        from pathlib import Path
+
+        Path(args.table_out).write_text(table + "\n")
     from pathlib import Path
 
     from gad_megatron.tracking.tracker import find_run_id
@@ -32,5 +36,7 @@ def register(sub) -> None:
                    help="steps of the gad stage, and of the SeqKD baseline (default 100)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the equal-step seqkd baseline run")
+    p.add_argument("--table-out", default="",
+                   help="also write the table to this file (make demo: docs/demo_output.txt)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both stages")
     p.set_defaults(func=_demo)

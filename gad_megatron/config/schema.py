@@ -122,12 +122,36 @@ class DiscriminatorConfig:
     """Weight of the |score| > threshold penalty (0: off), against an over-confident D."""
     score_reg_threshold: float = 5.0
     """Scores beyond this magnitude are penalised when score_reg_weight > 0."""
+    normalize_scores: bool = False
+    """Batch-normalise each micro-batch's teacher and sample scores together (one shared
+    affine map, so every pair keeps its sign) before the BT loss: D's scale is fixed at ~1
+    and cannot saturate the sigmoid. False: the paper's loss."""
+    normalize_eps: float = 1e-6
+    """Added to the variance when normalize_scores is on (a constant batch maps to 0)."""
+    adaptive_temperature: bool = False
+    """Replace bt_temperature by clamp(bt_temperature + adaptive_temp_scale * mean|t - s|,
+    adaptive_temp_min, adaptive_temp_max) each micro-batch: a wide gap softens the sigmoid.
+    Computed after normalize_scores when both are on. False: the fixed bt_temperature."""
+    adaptive_temp_scale: float = 0.5
+    """Temperature added per unit of mean |teacher - sample| score gap (>= 0)."""
+    adaptive_temp_min: float = 1.0
+    """Lower clamp of the adaptive temperature (> 0)."""
+    adaptive_temp_max: float = 8.0
+    """Upper clamp of the adaptive temperature (>= adaptive_temp_min)."""
+    update_in_gad: bool = True
+    """gad stage: train D by BT every step (the paper). False freezes D at the warmup's
+    weights (the paper's off-policy-discriminator ablation, which gets reward-hacked)."""
 
     def __post_init__(self) -> None:
         if self.bt_temperature <= 0:
             raise ValueError(f"bt_temperature must be > 0, got {self.bt_temperature}")
         if self.micro_batch_tokens < 1 or self.head_init_std <= 0:
             raise ValueError("micro_batch_tokens must be >= 1 and head_init_std > 0")
+        if self.normalize_eps <= 0 or self.adaptive_temp_scale < 0:
+            raise ValueError("normalize_eps must be > 0 and adaptive_temp_scale >= 0")
+        if not 0 < self.adaptive_temp_min <= self.adaptive_temp_max:
+            raise ValueError(f"need 0 < adaptive_temp_min <= adaptive_temp_max, got "
+                             f"{self.adaptive_temp_min} and {self.adaptive_temp_max}")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,25 @@ class TrackingConfig:
     """Health: student/teacher mean response length above this hints at reward hacking."""
     length_ratio_min: float = 0.5
     """Health: student/teacher mean response length below this hints at reward hacking."""
+    health_window: int = 20
+    """Steps the windowed rules (length_drift, frozen_d_divergence, d_collapse) look back
+    over; each stays silent until it has this many steps with its metrics."""
+    length_drift_tol: float = 0.25
+    """Health: the window's mean student length over mean teacher length outside
+    [1 - tol, 1 + tol] is a drift from the teacher's length (smaller and slower than the
+    length_ratio_min/max band, which catches a single step's blow-up)."""
+    reward_divergence_min: float = 0.1
+    """Health: over the window, the live-D reward rising by more than this (second half's
+    mean minus first half's) while the frozen-D monitor's reward falls by more than this
+    means the student fools the current D rather than getting more teacher-like."""
+    d_collapse_tol: float = 0.05
+    """Health: the window's mean d_acc within this of 0.5 counts as collapsed to chance."""
+    d_collapse_from: float = 0.7
+    """Health: d_collapse needs D to have been this accurate before (a window mean), so a D
+    that never learned is left to d_acc_low."""
+    d_loss_flat_tol: float = 0.02
+    """Health: d_loss spread (max - min over the window) at most this counts as flat: a D at
+    chance whose loss no longer moves has stopped learning, not reached a balance."""
     retry_s: float = 60.0
     """Least seconds between two reconnect attempts while the tracking server is down."""
     http_timeout_s: int = 5
@@ -56,6 +75,11 @@ class TrackingConfig:
         if self.clip_frac_low > self.clip_frac_high or self.length_ratio_min > self.length_ratio_max:
             raise ValueError("clip_frac_low <= clip_frac_high and "
                              "length_ratio_min <= length_ratio_max required")
+        if self.health_window < 2 or self.length_drift_tol <= 0 or self.d_collapse_tol <= 0:
+            raise ValueError("health_window >= 2, length_drift_tol > 0 and d_collapse_tol > 0 "
+                             "required")
+        if self.reward_divergence_min < 0 or self.d_loss_flat_tol < 0:
+            raise ValueError("reward_divergence_min >= 0 and d_loss_flat_tol >= 0 required")
         if self.retry_s < 0 or self.http_timeout_s < 1 or self.http_max_retries < 0:
             raise ValueError("retry_s >= 0, http_timeout_s >= 1 and http_max_retries >= 0 required")
         if not self.experiment:

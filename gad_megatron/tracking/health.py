@@ -4,10 +4,15 @@ GAD fails quietly: a discriminator that never learns (d_acc ~ 0.5) hands the stu
 reward, one that wins outright (d_acc ~ 1, huge score gap) hands it no gradient, and a student
 that games D often does it through answer length. Each rule here watches one of these; it
 reports once when its condition starts and is re-armed when the condition clears.
+
+Three rules look at a window of recent steps (`health_window`) instead of one step, because
+reward hacking is a trend: the length drifting away from the teacher's, the live D's reward
+rising while a frozen D's falls, D's accuracy sinking to chance while its loss stops moving.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +40,11 @@ class _Rule:
     fired: bool = False
 
 
+WINDOWED = ("g/response_len_mean", "g/teacher_len_mean", "g/reward_mean", "g/frozen_d_reward",
+            "d/d_acc", "d/d_loss")
+"""Metrics the windowed rules keep a history of."""
+
+
 class HealthWatch:
     """`update(step, metrics)` -> the warnings that start at this step."""
 
@@ -47,9 +57,18 @@ class HealthWatch:
             _Rule("score_gap", self._score_gap),
             _Rule("clip_frac", self._clip),
             _Rule("length_ratio", self._length_ratio),
+            _Rule("length_drift", self._length_drift),
+            _Rule("frozen_d_divergence", self._frozen_d_divergence),
+            _Rule("d_collapse", self._d_collapse),
         ]
+        self.history: dict[str, deque] = {k: deque(maxlen=cfg.health_window) for k in WINDOWED}
+        self.best_d_acc = float("-inf")  # best window mean of d_acc so far (d_collapse)
 
     def update(self, step: int, metrics: dict) -> list[HealthWarning]:
+        for key, values in self.history.items():
+            value = _get(metrics, key)
+            if value is not None:
+                values.append(value)
         out = []
         for rule in self.rules:
             problem = rule.check(metrics)
@@ -111,6 +130,60 @@ class HealthWatch:
         return not lo <= ratio <= hi and (
             f"student/teacher length ratio {ratio:.2f} outside [{lo}, {hi}]: "
             "possible reward hacking through answer length")
+
+
+    def _window(self, *keys: str) -> list[list[float]] | None:
+        """The last `health_window` values of each key, or None until every one is full."""
+        if any(len(self.history[k]) < self.cfg.health_window for k in keys):
+            return None
+        return [list(self.history[k]) for k in keys]
+
+    def _length_drift(self, m: dict):
+        if "g/response_len_mean" not in m:
+            return None  # only judged on steps that sampled
+        got = self._window("g/response_len_mean", "g/teacher_len_mean")
+        if got is None or not sum(got[1]):
+            return None
+        ratio = sum(got[0]) / sum(got[1])
+        tol, w = self.cfg.length_drift_tol, self.cfg.health_window
+        return abs(ratio - 1.0) > tol and (
+            f"student/teacher length ratio {ratio:.2f} over the last {w} steps, beyond "
+            f"1 +- {tol}: the answers drift from the teacher's length (reward hacking?)")
+
+    def _frozen_d_divergence(self, m: dict):
+        if "g/frozen_d_reward" not in m:
+            return None
+        got = self._window("g/reward_mean", "g/frozen_d_reward")
+        if got is None:
+            return None
+        live, frozen = _half_change(got[0]), _half_change(got[1])
+        eps = self.cfg.reward_divergence_min
+        return live > eps and frozen < -eps and (
+            f"live-D reward {live:+.3f} while the frozen-D reward {frozen:+.3f} over the last "
+            f"{self.cfg.health_window} steps: the student is fooling the current "
+            "discriminator, not getting closer to the teacher")
+
+    def _d_collapse(self, m: dict):
+        if "d/d_acc" not in m:
+            return None
+        got = self._window("d/d_acc", "d/d_loss")
+        if got is None:
+            return None
+        acc, losses = sum(got[0]) / len(got[0]), got[1]
+        self.best_d_acc = max(self.best_d_acc, acc)
+        spread = max(losses) - min(losses)
+        c = self.cfg
+        return (self.best_d_acc >= c.d_collapse_from and abs(acc - 0.5) <= c.d_collapse_tol
+                and spread <= c.d_loss_flat_tol) and (
+            f"d_acc fell to {acc:.3f} (from {self.best_d_acc:.3f}) while d_loss stayed flat "
+            f"(spread {spread:.4f} over {c.health_window} steps): the discriminator has "
+            "stopped telling teacher from student, so the reward is noise")
+
+
+def _half_change(values: list[float]) -> float:
+    """Mean of the window's second half minus the mean of its first half."""
+    half = len(values) // 2
+    return sum(values[-half:]) / half - sum(values[:half]) / half
 
 
 def _get(m: dict, key: str) -> float | None:

@@ -80,6 +80,20 @@ def summary_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def pin_threads() -> None:
+    """One intra-op thread in the driver and (through OMP_NUM_THREADS, which worker_env
+    passes on) in every worker: the order of a matmul's partial sums depends on the thread
+    count, and a last-bit difference flips a greedy argmax now and then. With one thread the
+    table is the same on every machine with the same CPU kind and library versions,
+    whatever its core count or an inherited OMP_NUM_THREADS."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps: int = 100,
              overrides: tuple[str, ...] = (), baseline: bool = True) -> str:
     """The whole pipeline; returns the summary table (also written to ROOT/summary.md).
@@ -93,6 +107,7 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
 
     root = Path(root)
     started = time.perf_counter()
+    pin_threads()
     if not (root / "task" / "train.jsonl").exists():
         write_task(root / "task", n_train=4000, n_test=200, seed=0)
     cfg = load_config(DEMO_CONFIGS["warmup"], [
@@ -123,3 +138,27 @@ def run_demo(root: str | Path = "runs/demo", warmup_steps: int = 150, gad_steps:
     minutes = (time.perf_counter() - started) / 60
     (root / "summary.md").write_text(f"```\n{table}\n```\n\n{minutes:.1f} minutes\n")
     return table
+
+
+README_MARK = "<!-- demo-table: docs/demo_output.txt -->"
+"""The README line that precedes the quoted demo table (tests/test_readme_table.py)."""
+
+
+def readme_table(readme: str) -> str:
+    """The code block that follows README_MARK in the README's text."""
+    if README_MARK not in readme:
+        raise ValueError(f"README has no {README_MARK!r} line before the demo table")
+    after = readme.split(README_MARK, 1)[1]
+    return after.split("```", 2)[1].strip("\n")
+
+
+def check_readme(readme_path: str | Path, table_path: str | Path) -> None:
+    """Raise unless the README quotes exactly the table in `table_path` (a demo output
+    file, or a run's summary.md)."""
+    table = Path(table_path).read_text()
+    if "```" in table:  # summary.md: the table is its first code block
+        table = table.split("```", 2)[1]
+    quoted = readme_table(Path(readme_path).read_text())
+    if quoted.strip("\n") != table.strip("\n"):
+        raise ValueError(f"the README's demo table differs from {table_path}:\n"
+                         f"README:\n{quoted}\n{table_path}:\n{table.strip()}")

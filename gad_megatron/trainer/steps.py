@@ -171,7 +171,8 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
         ref = ctx.ref.map_sequences("logprobs", samples, cfg.rollout.temperature)
     _, rewards, metrics = score(ctx, teacher, samples)
     adv = alg.grpo_advantages(torch.from_numpy(rewards), torch.tensor(samples.group))
-    metrics.update(update_discriminator(ctx, teacher, samples))
+    if cfg.discriminator.update_in_gad:  # False: D frozen after warmup (ablation)
+        metrics.update(update_discriminator(ctx, teacher, samples))
     samples.fields.update(advantage=adv.tolist(), old_logprobs=[a.tolist() for a in old],
                           ref_logprobs=[a.tolist() for a in ref])
     with ctx.phase("g_update"):

@@ -86,13 +86,7 @@ class DiscriminatorWorker:
             rows = _row_scores(out, mb)  # [B]
             t, s, same = _pairs(rows, mb, seqs)
             n = t.shape[0]
-            bt = alg.bradley_terry_loss(t, s, cfg.bt_temperature, cfg.bt_margin) if n else \
-                rows.sum() * 0.0
-            loss = bt * (n / global_pairs)
-            if cfg.score_reg_weight > 0:
-                loss = loss + alg.score_regularizer(
-                    torch.cat([t, s]), cfg.score_reg_threshold, cfg.score_reg_weight
-                ) * (n / global_pairs)
+            loss = (bt_loss(cfg, t, s) if n else rows.sum() * 0.0) * (n / global_pairs)
             return loss, torch.tensor(n), {"d_loss": loss.detach()}
 
         metrics = train_step(self.model, self.optimizer, self.scheduler,
@@ -116,6 +110,16 @@ class DiscriminatorWorker:
         from gad_megatron.checkpoint.megatron_ckpt import load_training_state
 
         load_training_state(self._bare(), self.optimizer, self.scheduler, ckpt_dir)
+
+
+def bt_loss(cfg: DiscriminatorConfig, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The configured BT loss (with its remedies) of one micro-batch's pairs [B]."""
+    adaptive = ((cfg.adaptive_temp_scale, cfg.adaptive_temp_min, cfg.adaptive_temp_max)
+                if cfg.adaptive_temperature else None)
+    return alg.discriminator_loss(
+        t, s, temperature=cfg.bt_temperature, margin=cfg.bt_margin,
+        normalize=cfg.normalize_scores, normalize_eps=cfg.normalize_eps, adaptive=adaptive,
+        reg_weight=cfg.score_reg_weight, reg_threshold=cfg.score_reg_threshold)
 
 
 def _row_scores(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:

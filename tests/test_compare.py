@@ -1,0 +1,49 @@
+"""The seeded comparison on the styles task: its table arithmetic by hand, and a shortened
+run of the whole command (task -> warmup -> seqkd and gad -> acceptance evaluation) so the
+code path cannot rot. The figures of the shortened run are not checked (a few steps)."""
+
+from __future__ import annotations
+
+import math
+
+import gad_megatron.__main__ as cli
+from gad_megatron.trainer.compare import STUDIES, table, verdict
+
+
+def _seed(w: float, s: float, g: float) -> dict:
+    def arm(x):
+        return {split: {"accept_sampled": x, "accept_greedy": x, "rouge_l_sampled": 0.5}
+                for split in ("test", "ood")}
+    return {"warmup only": arm(w), "warmup+seqkd": arm(s), "warmup+gad": arm(g)}
+
+
+def test_table_and_verdict_by_hand():
+    seeds = [_seed(0.1, 0.2, 0.5), _seed(0.1, 0.3, 0.6), _seed(0.1, 0.4, 0.7)]
+    text = table(seeds, STUDIES["compare"])
+    # gad: mean 0.6, sample sd 0.1; seqkd: mean 0.3, sd 0.1; warmup: 0.1 +- 0
+    assert "warmup+gad" in text and "0.600 ± 0.100" in text and "0.300 ± 0.100" in text
+    assert "0.100 ± 0.000" in text
+    lines = verdict(seeds, "warmup+gad", "warmup+seqkd")
+    assert len(lines) == 4 and all("+0.300; 2 sd = 0.200: met" in line for line in lines)
+    close = [_seed(0.1, 0.2, 0.3), _seed(0.1, 0.3, 0.4), _seed(0.1, 0.4, 0.5)]
+    assert all("NOT met" in line for line in verdict(close, "warmup+gad", "warmup+seqkd"))
+
+
+def test_compare_command_shortened(tmp_path, capsys):
+    out = tmp_path / "styles"
+    assert cli.main(["compare", "--out", str(out), "--seeds", "0", "--warmup-steps", "3",
+                     "--steps", "2", "--n-train", "48", "--n-eval", "4", "--n-samples", "2",
+                     "train.prompts_per_step=4", "rollout.max_new_tokens=8",
+                     "model.tiny_hidden=32"]) == 0
+    printed = capsys.readouterr().out
+    block = (out / "compare.md").read_text().split("```")[1].strip()
+    assert block in printed
+    rows = block.splitlines()[2:5]
+    assert [r[:28].strip() for r in rows] == ["warmup only", "warmup+seqkd", "warmup+gad"]
+    for row in rows:
+        cells = row[28:].split()
+        means = [float(x) for x in cells[0::3]]
+        assert len(means) == 5 and all(0 <= m <= 1 and math.isfinite(m) for m in means), row
+    assert block.count("warmup+gad - warmup+seqkd") == 4
+    for run in ("warmup", "warmup-seqkd", "warmup-gad"):
+        assert (out / "seed0" / run / "checkpoints" / "latest").exists(), run
