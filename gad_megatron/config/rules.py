@@ -16,6 +16,7 @@ from typing import Any
 from gad_megatron.config.schema import AGG_MODES, ENGINES, KL_KINDS, POLICY_LOSSES
 from gad_megatron.data.config import BAD_ROW_POLICIES, FORMATS, LENGTH_POLICIES, TEMPLATES
 from gad_megatron.models.optim import DECAY_STYLES
+from gad_megatron.models.perf import RECOMPUTE
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,17 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("TrackingConfig", "http_timeout_s"): AT_LEAST_1,
     ("TrackingConfig", "score_gap_max"): POSITIVE,
     ("TrackingConfig", "length_ratio_max"): POSITIVE,
+    ("TrackingConfig", "health_window"): AT_LEAST_1,
+    **{("TrackingConfig", k): AT_LEAST_0 for k in ("length_drift_tol", "reward_divergence_min",
+                                                    "d_loss_flat_tol")},
+    **{("TrackingConfig", k): UNIT for k in ("d_collapse_tol", "d_collapse_from")},
+    ("DiscriminatorConfig", "normalize_eps"): POSITIVE,
+    ("DiscriminatorConfig", "adaptive_temp_scale"): AT_LEAST_0,
+    ("DiscriminatorConfig", "adaptive_temp_min"): POSITIVE,
+    ("DiscriminatorConfig", "adaptive_temp_max"): POSITIVE,
+    ("PerfConfig", "recompute"): Choice(RECOMPUTE),
+    ("PerfConfig", "recompute_num_layers"): AT_LEAST_1,
+    ("PerfConfig", "context_parallel"): AT_LEAST_1,
 }
 """(dataclass name, field) -> the rule its value must pass."""
 
