@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,8 +35,12 @@ def record(fault: str, seen: str, seconds: float | None, lost: str, test: str = 
                             "test": test}) + "\n")
 
 
+_TMP = re.compile(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+/")
+
+
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One table cell: one line, no pipe, and the test's temp directory shown as TMP/."""
+    return _TMP.sub("TMP/", " ".join(str(text).split())).replace("|", "\\|")
 
 
 def render(results: Path = RESULTS) -> str:

@@ -51,6 +51,7 @@ def signal_after_step(proc: subprocess.Popen, step: int, sig: int) -> tuple[str,
             break
     lines.extend(proc.stdout)
     proc.wait(timeout=120)
+    assert sent is not None, "the driver ended before step %d:\n%s" % (step, "".join(lines)[-3000:])
     return "".join(lines), time.monotonic() - sent
 
 

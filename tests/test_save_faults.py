@@ -47,7 +47,7 @@ CHILD = textwrap.dedent("""
 
     def watched(name, fn):
         def call(*args, **kwargs):
-            event(f"{name} {args[0] if name in ('replace', 'rmtree') else ''}")
+            event(f"{name} {os.path.basename(str(args[0])) if name in ('replace', 'rmtree') else ''}")
             return fn(*args, **kwargs)
         return call
 
