@@ -86,10 +86,23 @@ def _shared_tmpdir(out: Path) -> Path:
     return Path(name[0])
 
 
-def _file_sizes(root: Path) -> dict[str, int]:
-    """Every file under `root` with its size, for the completeness check on load."""
+def file_sizes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    """Every file under `root` with its size (names in `skip` left out): what a checkpoint
+    lists last, so that a missing or cut-short file can be told on load."""
     return {str(p.relative_to(root)): p.stat().st_size
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def size_problem(root: Path, files: dict[str, int]) -> tuple[Path, int | None, int] | None:
+    """The first listed file that is missing or not at its listed size, as (path, size on
+    disk or None when missing, listed size); None when every file is as listed."""
+    for rel, size in files.items():
+        path = root / rel
+        if not path.is_file():
+            return path, None, size
+        if path.stat().st_size != size:
+            return path, path.stat().st_size, size
+    return None
 
 
 def save_model_checkpoint(model, arch: HFArch, out_dir: str | Path, tp: int, pp: int,
@@ -111,7 +124,7 @@ def save_model_checkpoint(model, arch: HFArch, out_dir: str | Path, tp: int, pp:
             copy_tokenizer_files(tokenizer_src, tmp)
             dtype = str(next(model.parameters()).dtype).replace("torch.", "")
             meta = {"format": FORMAT, "tp": tp, "pp": pp, "dtype": dtype,
-                    "megatron_core": package_info.__version__, "files": _file_sizes(tmp)}
+                    "megatron_core": package_info.__version__, "files": file_sizes(tmp)}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # last: marks it complete
             if out.exists():
                 shutil.rmtree(out)
@@ -136,13 +149,13 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[dict, HFArch]:
         raise CheckpointError(f"{marker}: not valid JSON (a damaged checkpoint)") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{marker}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    for rel, size in meta.get("files", {}).items():  # absent in checkpoints before v0.1.1
-        path = ckpt / rel
-        if not path.is_file():
+    problem = size_problem(ckpt, meta.get("files", {}))  # no list before v0.1.1
+    if problem is not None:
+        path, actual, listed = problem
+        if actual is None:
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {path} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{ckpt}: damaged checkpoint, {path} has "
-                                  f"{path.stat().st_size} bytes, {MARKER} says {size}")
+        raise CheckpointError(f"{ckpt}: damaged checkpoint, {path} has {actual} bytes, "
+                              f"{MARKER} says {listed}")
     arch = parse_hf_config(json.loads((ckpt / "hf_config.json").read_text()))
     return meta, arch
 

@@ -24,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from gad_megatron.checkpoint.megatron_ckpt import CheckpointError
+from gad_megatron.checkpoint.megatron_ckpt import CheckpointError, file_sizes, size_problem
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -40,8 +40,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_manifest(ckpt: Path) -> None:
     """List every file under `ckpt` with its size; written last, it marks `ckpt` complete."""
-    files = {str(p.relative_to(ckpt)): p.stat().st_size
-             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = file_sizes(ckpt, skip=(MANIFEST,))
     write_atomic(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
@@ -57,13 +56,12 @@ def problem_with(ckpt: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return f"has an unreadable {MANIFEST}"
-    for rel, size in files.items():
-        path = ckpt / rel
-        if not path.is_file():
-            return f"is missing {path}"
-        if path.stat().st_size != size:
-            return f"has {path} at {path.stat().st_size} bytes, the manifest says {size}"
-    return None
+    problem = size_problem(ckpt, files)
+    if problem is None:
+        return None
+    path, actual, listed = problem
+    return (f"is missing {path}" if actual is None
+            else f"has {path} at {actual} bytes, the manifest says {listed}")
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -187,14 +185,15 @@ def _size(ckpt: Path) -> int:
     return sum(json.loads((ckpt / MANIFEST).read_text())["files"].values())
 
 
-def restore(roles, ckpt: Path, loader) -> int:
-    """Load every role and the data position from a complete checkpoint; its step."""
+def restore(roles, ckpt: Path, loader) -> dict:
+    """Load every role and the data position from a complete checkpoint; its trainer state
+    (`step`, and what else the loop saved with it)."""
     state = json.loads((ckpt / STATE_FILE).read_text())
     roles.actor.call_all("load", str(ckpt / "actor"))
     if roles.disc is not None:
         roles.disc.call_all("load", str(ckpt / "discriminator"))
     loader.load_state_dict(state["loader"])
-    return int(state["step"])
+    return state
 
 
 def checkpoint_of(run_or_ckpt: str, what: str) -> Path:

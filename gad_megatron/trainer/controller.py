@@ -10,7 +10,7 @@ from typing import Callable
 from gad_megatron.config import GADConfig, Stage, to_dict
 from gad_megatron.config.loader import read_run_config
 from gad_megatron.trainer.checkpoints import (
-    STATE_FILE, check_fresh_start, find_resume, restore, save_checkpoint, write_atomic)
+    check_fresh_start, find_resume, restore, save_checkpoint, write_atomic)
 from gad_megatron.trainer.safety import SkipGuard, StopSignals
 from gad_megatron.trainer.setup import build_loader, resolve_inputs
 from gad_megatron.trainer.steps import STEPS, StepContext, add_throughput
@@ -94,7 +94,9 @@ class _Loop:
         guard = SkipGuard(cfg.train.max_skipped_steps)
         start = 0
         if ckpt is not None:
-            start, guard = restore(roles, ckpt, self.loader), self._guard(ckpt)
+            state = restore(roles, ckpt, self.loader)
+            start = int(state["step"])
+            guard = SkipGuard(cfg.train.max_skipped_steps, state.get("skipped"))
             self.saved = start
             print(f"resuming from step {start} (checkpoint {ckpt})", flush=True)
         if cfg.train.stage != Stage.SEQKD:
@@ -137,7 +139,3 @@ class _Loop:
         save_checkpoint(self.roles, self.run_dir, done, self.cfg.train.keep_last, self.hf_dir,
                         state)
         self.saved = done
-
-    def _guard(self, ckpt: Path) -> SkipGuard:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        return SkipGuard(self.cfg.train.max_skipped_steps, state.get("skipped"))
