@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import queue
 import socket
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
@@ -34,9 +36,33 @@ class RankEnv:
     backend: str = "gloo"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on `host` right now (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that is free on `host` right now, chosen below the ephemeral range.
+
+    Binding port 0 would return an ephemeral port, and between this probe and the real bind
+    any outgoing connection on the host (gloo opens many) may take that same port: CI saw
+    "Address already in use" that way. Ports below the range are only ever taken by
+    listeners, which the probe sees. 20000 is above Ray's default worker ports (10002-19999)."""
+    low, _ = _ephemeral_range()
+    start, stop = (20000, low) if low > 22000 else (low, 65536)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(start, stop)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded host
         s.bind((host, 0))
         return s.getsockname()[1]
 

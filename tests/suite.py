@@ -1,0 +1,179 @@
+"""`make test`: every test file in its own pytest process, one after another.
+
+Why not one pytest process for the whole suite: each in-process model build starts
+torch.distributed and Megatron's parallel groups, and gloo keeps a few threads per group that
+no destroy call gives back. Over ~60 files one process ended up with thousands of threads and
+ran the last files several times slower than alone (CI: 78 min, then servers and raylets timed
+out at startup). A fresh process per file costs ~5 s of imports and removes that.
+
+After each file the runner also looks for processes the file left behind (Ray workers, gloo
+ranks, servers, engine processes). Each is named and killed, so that one file's leak cannot
+slow the files after it, and the file counts as failed: leaving nothing behind is part of
+what the fault tests assert.
+
+    python -m tests.suite [FILE ...] [pytest options ...]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FILE_TIMEOUT_S = 20 * 60  # no file takes near this alone; a hang must not eat CI's 90 min
+MARKERS = ("ray::", "raylet", "gcs_server", "mlflow", "gunicorn", "uvicorn", "slurm")
+
+
+@dataclass
+class FileResult:
+    path: str
+    rc: int
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    tests: list[tuple[float, str]] = field(default_factory=list)
+    output: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rc in (0, 5) and not self.leftovers  # 5: nothing collected (all deselected)
+
+
+def _ours(pid: int) -> str | None:
+    """The command line of `pid` if it is a process a test of this repo could have started."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return None
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not cmd:
+        return None  # a zombie or kernel thread
+    if str(REPO) in cmd or sys.prefix in cmd or any(m in cmd for m in MARKERS):
+        return cmd
+    return None
+
+
+def _processes() -> dict[int, str]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            cmd = _ours(int(entry))
+            if cmd is not None:
+                out[int(entry)] = cmd
+    return out
+
+
+def _reap_leftovers(before: dict[int, str]) -> list[str]:
+    """Kill and name the processes that appeared during a file and outlived it."""
+    time.sleep(1.0)  # let processes that are already exiting finish
+    new = {p: c for p, c in _processes().items() if p not in before}
+    for pid in new:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return [f"pid {p}: {c[:160]}" for p, c in sorted(new.items())]
+
+
+def _read_junit(path: Path, res: FileResult) -> None:
+    if not path.exists():
+        return
+    root = ET.parse(path).getroot()
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        res.tests.append((float(case.get("time", 0.0)), name))
+        kinds = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
+        kind = kinds[0] if kinds else "passed"
+        res.counts[kind] = res.counts.get(kind, 0) + 1
+        if kind in ("failure", "error"):
+            res.failed.append(f"{name} ({kind})")
+
+
+def run_file(path: str, args: list[str], workdir: Path) -> FileResult:
+    junit = workdir / (Path(path).stem + ".xml")
+    before = _processes()
+    env = dict(os.environ, GAD_TEST_SUITE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", path, f"--junitxml={junit}", *args]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=FILE_TIMEOUT_S)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        output += f"\n[suite] {path} killed after {FILE_TIMEOUT_S} s\n"
+        rc = 124
+    res = FileResult(path, rc, time.monotonic() - start, output=output)
+    _read_junit(junit, res)
+    res.leftovers = _reap_leftovers(before)
+    return res
+
+
+def _line(res: FileResult) -> str:
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(res.counts.items())) or "no tests"
+    mark = "ok  " if res.ok else "FAIL"
+    return f"{mark} {res.path:<44} {res.seconds:7.1f} s  {counts}"
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    files = [a for a in argv if a.endswith(".py") or "::" in a]
+    rest = [a for a in argv if a not in files]
+    if not files:
+        files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py"))
+    return files, rest
+
+
+def main(argv: list[str]) -> int:
+    files, args = _split(argv)
+    if os.environ.get("GAD_RELIABILITY_RESULTS") is None:
+        from tests.reliability import RESULTS
+
+        RESULTS.unlink(missing_ok=True)  # the table is made from this run's results only
+    results: list[FileResult] = []
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gad-suite-") as tmp:
+        for path in files:
+            res = run_file(path, args, Path(tmp))
+            results.append(res)
+            print(_line(res), flush=True)
+            if not res.ok:
+                print(res.output[-6000:], flush=True)
+                for left in res.leftovers:
+                    print(f"     left behind (killed): {left}", flush=True)
+    return _summary(results, time.monotonic() - start)
+
+
+def _summary(results: list[FileResult], seconds: float) -> int:
+    total: dict[str, int] = {}
+    for r in results:
+        for k, n in r.counts.items():
+            total[k] = total.get(k, 0) + n
+    slowest = sorted((t for r in results for t in r.tests), reverse=True)[:20]
+    print("\nslowest tests:")
+    for secs, name in slowest:
+        print(f"  {secs:7.1f} s  {name}")
+    bad = [r for r in results if not r.ok]
+    print()
+    for r in bad:
+        for name in r.failed or [f"(rc {r.rc})"]:
+            print(f"FAILED {r.path}: {name}")
+        for left in r.leftovers:
+            print(f"LEFT BEHIND {r.path}: {left}")
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(total.items()))
+    print(f"{len(results)} files, {counts}, {len(bad)} files failed, in {seconds:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
