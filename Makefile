@@ -52,8 +52,10 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then echo "error: CUDA packages were pulled into $(VENV)"; exit 1; fi
 	touch $(STAMP)
 
+# Each test file in its own pytest process (tests/suite.py says why), then the slowest tests
+# and any process a file left behind. PYTEST_ARGS may name files and pytest options.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m tests.suite $(PYTEST_ARGS)
 
 # The Slurm cluster tests: a real two-node local cluster (installed by slurm/ci/install.sh).
 test-cluster: setup

@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_TIMEOUT_S = 20 * 60  # no file takes near this alone; a hang must not eat CI's 90 min
-MARKERS = ("ray::", "raylet", "gcs_server", "mlflow", "gunicorn", "uvicorn", "slurm")
+TOKEN_VAR = "GAD_TEST_SUITE_TOKEN"
 
 
 @dataclass
@@ -47,41 +47,37 @@ class FileResult:
         return self.rc in (0, 5) and not self.leftovers  # 5: nothing collected (all deselected)
 
 
-def _ours(pid: int) -> str | None:
-    """The command line of `pid` if it is a process a test of this repo could have started."""
-    try:
-        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-            return None
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not cmd:
-        return None  # a zombie or kernel thread
-    if str(REPO) in cmd or sys.prefix in cmd or any(m in cmd for m in MARKERS):
-        return cmd
-    return None
+def _tagged(token: str) -> dict[int, str]:
+    """Processes that carry this file's token in their environment, with their command lines.
 
-
-def _processes() -> dict[int, str]:
+    The token is inherited by everything a test starts (ranks, servers, Ray's raylet and its
+    workers), and by nothing else on the host, so no unrelated process is ever touched."""
+    mark = f"{TOKEN_VAR}={token}".encode()
     out = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            cmd = _ours(int(entry))
-            if cmd is not None:
-                out[int(entry)] = cmd
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if mark not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                continue
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if cmd.strip():  # not a zombie
+            out[int(entry)] = cmd.strip()
     return out
 
 
-def _reap_leftovers(before: dict[int, str]) -> list[str]:
-    """Kill and name the processes that appeared during a file and outlived it."""
+def _reap_leftovers(token: str) -> list[str]:
+    """Kill and name the processes a file started that outlived it."""
     time.sleep(1.0)  # let processes that are already exiting finish
-    new = {p: c for p, c in _processes().items() if p not in before}
-    for pid in new:
+    left = _tagged(token)
+    for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    return [f"pid {p}: {c[:160]}" for p, c in sorted(new.items())]
+    return [f"pid {p}: {c[:160]}" for p, c in sorted(left.items())]
 
 
 def _read_junit(path: Path, res: FileResult) -> None:
@@ -100,8 +96,8 @@ def _read_junit(path: Path, res: FileResult) -> None:
 
 def run_file(path: str, args: list[str], workdir: Path) -> FileResult:
     junit = workdir / (Path(path).stem + ".xml")
-    before = _processes()
-    env = dict(os.environ, GAD_TEST_SUITE="1")
+    token = f"{os.getpid()}-{Path(path).stem}"
+    env = dict(os.environ, GAD_TEST_SUITE="1", **{TOKEN_VAR: token})
     cmd = [sys.executable, "-m", "pytest", "-q", path, f"--junitxml={junit}", *args]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -116,7 +112,7 @@ def run_file(path: str, args: list[str], workdir: Path) -> FileResult:
         rc = 124
     res = FileResult(path, rc, time.monotonic() - start, output=output)
     _read_junit(junit, res)
-    res.leftovers = _reap_leftovers(before)
+    res.leftovers = _reap_leftovers(token)
     return res
 
 
@@ -166,7 +162,7 @@ def _summary(results: list[FileResult], seconds: float) -> int:
     bad = [r for r in results if not r.ok]
     print()
     for r in bad:
-        for name in r.failed or [f"(rc {r.rc})"]:
+        for name in r.failed or ([f"(exit code {r.rc})"] if r.rc not in (0, 5) else []):
             print(f"FAILED {r.path}: {name}")
         for left in r.leftovers:
             print(f"LEFT BEHIND {r.path}: {left}")
