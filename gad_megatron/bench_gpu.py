@@ -1,7 +1,8 @@
 """`make bench-gpu`: the GPU-only checks of issue 14, as measurements with a verdict each.
 
-    python -m gad_megatron.bench_gpu [--only te,sglang,logprobs,varlen] [--tokens 8192]
+    python -m gad_megatron.bench_gpu [--only te,sglang,logprobs,varlen,mfu] [--tokens 8192]
                                      [--vocab 152064] [--model-dir DIR]
+                                     [--rows 4] [--seq 2048] [--iters 5]
 
 - te (defect 10): on CUDA, building a GPT without Transformer Engine is refused unless
   perf.allow_local_spec; with TE the TE spec is used.
@@ -9,6 +10,9 @@
   greedy output unchanged (the CPU weight backup works); two seeded samplings agree.
 - logprobs (defect 11): peak CUDA memory of forward+backward of the token log-probs over
   [tokens, vocab] bf16 logits, chunked (models/logprobs.py) vs the direct form.
+- mfu (issue 11): model FLOPs utilisation of one actor update (forward, backward and the
+  Megatron optimizer step, through models/optim.train_step) on Qwen2.5-1.5B's shape in
+  bf16; FLOPs from gad_megatron/flops.py, where the formula is written out.
 - varlen (defect 11): peak CUDA memory of one training forward+backward of a GPT over
   variable-length micro-batches, padded to the batch's rows x longest (the old PP>1
   layout) vs each at its own shape (what variable_seq_lengths lets PP>1 do).
@@ -22,7 +26,16 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-CHECKS = ("te", "sglang", "logprobs", "varlen")
+CHECKS = ("te", "sglang", "logprobs", "varlen", "mfu")
+
+# Qwen2.5-1.5B's shape (its config.json), random weights: the MFU check's model.
+QWEN25_1P5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+    "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "eos_token_id": 151643,
+}
 
 
 @dataclass
@@ -38,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(CHECKS)}")
     parser.add_argument("--tokens", type=int, default=8192, help="logprobs: positions")
     parser.add_argument("--vocab", type=int, default=152064, help="logprobs: vocabulary")
+    parser.add_argument("--rows", type=int, default=4, help="mfu: sequences per update")
+    parser.add_argument("--seq", type=int, default=2048, help="mfu: tokens per sequence")
+    parser.add_argument("--iters", type=int, default=5, help="mfu: timed updates (after 2)")
     parser.add_argument("--model-dir", default="", help="sglang: an HF model dir (default: "
                         "a tiny random Qwen3 written to a temporary directory)")
     args = parser.parse_args(argv)
@@ -47,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
     if args.tokens < 1 or args.vocab < 2:
         parser.error("--tokens must be >= 1 and --vocab >= 2")
+    if min(args.rows, args.seq, args.iters) < 1:
+        parser.error("--rows, --seq and --iters must be >= 1")
     return args
 
 
@@ -188,6 +206,77 @@ def _varlen_rank(rank: int, world: int):
     return _peak(lambda: run(True)), _peak(lambda: run(False))
 
 
+def check_mfu(args) -> Result:
+    import torch
+
+    from gad_megatron.flops import peak_flops
+    from gad_megatron.parallel.launch import spawn_ranks
+
+    flops, seconds, spec = spawn_ranks(
+        _update_rank, 1, args=(QWEN25_1P5B, args.rows, args.seq, args.iters),
+        timeout_s=600, backend="nccl")[0]
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name)
+    achieved = flops / seconds
+    mfu = f"MFU {achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown"
+    return Result("mfu", "ok", f"{achieved / 1e12:.1f} TFLOP/s, {mfu} ({name}); Qwen2.5-1.5B "
+                               f"shape, bf16, {args.rows}x{args.seq} tokens per update, "
+                               f"{seconds:.3f} s per update, {spec} spec")
+
+
+def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, float, str]:
+    """(model FLOPs, seconds) of one actor update on this rank's device, averaged over
+    `iters` timed updates after two untimed ones; and which layer spec ran. Every row is
+    `seq` real tokens, so no padding token is counted. Parallel state must be initialised."""
+    import time
+
+    import torch
+
+    from gad_megatron.flops import train_flops
+    from gad_megatron.models.builder import BuildOptions, build_gpt
+    from gad_megatron.models.forward import MicroBatch
+    from gad_megatron.models.hf_config import parse_hf_config
+    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.optim import OptimConfig, train_step, wrap_for_training
+    from gad_megatron.parallel.dist import device
+
+    dev = device()
+    arch = parse_hf_config(cfg)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = build_gpt(arch, 1, 1, BuildOptions(dtype=dtype, perf=_local_ok())).to(dev)
+    te = any(type(m).__module__.startswith("transformer_engine") for m in model.modules())
+    spec = "TE" if te else "local"
+    ddp, optimizer, scheduler = wrap_for_training(model, OptimConfig(lr=1e-6))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, arch.vocab_size, (rows, seq + 1), generator=gen).to(dev)
+    mb = MicroBatch(tokens[:, :-1], torch.ones(rows, seq, dtype=torch.bool, device=dev),
+                    {"targets": tokens[:, 1:]})
+
+    def loss_fn(output, batch):
+        lp = vocab_parallel_logprobs(output, batch.extra["targets"], arch.vocab_size)
+        return -lp.sum() / lp.numel(), lp.numel(), {"loss": -lp.mean().detach()}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        train_step(ddp, optimizer, scheduler, [mb], loss_fn)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        train_step(ddp, optimizer, scheduler, [mb], loss_fn)
+    sync()
+    return train_flops(arch, [seq] * rows), (time.perf_counter() - start) / iters, spec
+
+
+def _update_rank(rank: int, world: int, cfg: dict, rows: int, seq: int, iters: int):
+    from gad_megatron.parallel.dist import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+    return measure_update(cfg, rows, seq, iters)
+
+
 def _local_ok():
     from gad_megatron.models.perf import PerfConfig
 
@@ -195,7 +284,7 @@ def _local_ok():
 
 
 RUNNERS = {"te": check_te, "sglang": check_sglang, "logprobs": check_logprobs,
-           "varlen": check_varlen}
+           "varlen": check_varlen, "mfu": check_mfu}
 
 
 def main(argv: list[str] | None = None) -> int:
