@@ -124,6 +124,8 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("ActorConfig", "kl_coef"): AT_LEAST_0,
     ("ActorConfig", "kl_kind"): Choice(KL_KINDS),
     ("ActorConfig", "ppo_epochs"): AT_LEAST_1,
+    ("ActorConfig", "mini_batch_prompts"): AT_LEAST_1,
+    ("DiscriminatorConfig", "mini_batch_prompts"): AT_LEAST_1,
     ("DiscriminatorConfig", "micro_batch_tokens"): AT_LEAST_1,
     ("DiscriminatorConfig", "head_init_std"): POSITIVE,
     ("DiscriminatorConfig", "bt_temperature"): POSITIVE,

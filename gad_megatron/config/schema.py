@@ -86,6 +86,14 @@ class ActorConfig:
     """KL estimator: k1, abs, k2, k3 / low_var_kl."""
     ppo_epochs: int = 1
     """Optimizer passes over each rollout batch (1: on-policy, ratio == 1 at the first pass)."""
+    mini_batch_prompts: int | None = None
+    """Prompts per optimizer step (verl's ppo_mini_batch_size): each batch of
+    train.prompts_per_step prompts is split into mini-batches of this many prompts, all
+    samples of a prompt in one, and each gets its own optimizer step, its loss normalised
+    over that mini-batch. None: the whole batch, one step. That is the paper's setting: its
+    released script (microsoft/LMOps gad/scripts/train/*-adversarial-*.sh) sets
+    ppo_mini_batch_size=256 = train_batch_size. Applies to SFT (warmup, seqkd) and to the
+    policy loss (gad); must divide train.prompts_per_step."""
 
     def __post_init__(self) -> None:
         _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
@@ -109,6 +117,10 @@ class DiscriminatorConfig:
     """Memory/speed settings (see ActorConfig.perf)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch."""
+    mini_batch_prompts: int | None = None
+    """Prompts per BT optimizer step (their teacher answer and samples stay together); None:
+    the whole batch, one step. The paper's script leaves verl's critic.ppo_mini_batch_size at
+    the actor's, 256 = the batch, so one step. Must divide train.prompts_per_step."""
     score_eos: bool = True
     """Whether a trailing EOS is part of the scored sequence. Applied to teacher answers and
     student samples alike, so identical answers always get identical scores."""
@@ -286,6 +298,11 @@ class GADConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        for role in ("actor", "discriminator"):
+            k = getattr(self, role).mini_batch_prompts
+            if k is not None and self.train.prompts_per_step % k:
+                raise ValueError(f"{role}.mini_batch_prompts={k} must divide "
+                                 f"train.prompts_per_step={self.train.prompts_per_step}")
         if self.train.stage == Stage.GAD and self.rollout.n < 2:
             raise ValueError(f"rollout.n must be >= 2 in the gad stage (GRPO normalises over "
                              f"each prompt's samples), got {self.rollout.n}")

@@ -16,7 +16,7 @@ import torch
 
 from gad_megatron import algorithms as alg
 from gad_megatron.config.schema import GADConfig
-from gad_megatron.workers.sequences import Sequences
+from gad_megatron.workers.sequences import Sequences, prompt_minibatches
 
 
 @dataclass
@@ -93,10 +93,29 @@ def score(ctx: StepContext, teacher: Sequences, samples: Sequences):
     return t, s, {f"d/{k}": v for k, v in metrics.items()}
 
 
+def mean_metrics(per_step: list[dict]) -> dict:
+    """Each metric's mean over the optimizer steps of one batch, and how many steps ran."""
+    keys = {k for m in per_step for k in m}
+    out = {k: float(np.mean([m[k] for m in per_step if k in m])) for k in sorted(keys)}
+    return {**out, "optimizer_steps": len(per_step)} if out else {}
+
+
 def update_discriminator(ctx: StepContext, teacher: Sequences, samples: Sequences) -> dict:
+    """BT steps over mini-batches of prompts; each normalised by its own sample count."""
+    parts = prompt_minibatches(bt_pairs(teacher, samples),
+                               ctx.cfg.discriminator.mini_batch_prompts)
     with ctx.phase("d_update"):
-        out = ctx.disc.train("bt_step", bt_pairs(teacher, samples), len(samples))
-    return {f"d/{k}": v for k, v in out.items()}
+        out = [ctx.disc.train("bt_step", p, sum(not t for t in p.fields["is_teacher"]))
+               for p in parts]
+    return {f"d/{k}": v for k, v in mean_metrics(out).items()}
+
+
+def sft_update(ctx: StepContext, teacher: Sequences) -> dict:
+    """SFT steps over mini-batches of teacher answers, each token-mean over its own tokens."""
+    parts = prompt_minibatches(teacher, ctx.cfg.actor.mini_batch_prompts)
+    with ctx.phase("g_update"):
+        out = [ctx.actor.train("sft_step", p, p.response_tokens()) for p in parts]
+    return {f"g/{k}": v for k, v in mean_metrics(out).items()}
 
 
 def sync_rollout(ctx: StepContext) -> None:
@@ -137,9 +156,7 @@ def warmup_step(ctx: StepContext, batch, step: int) -> dict:
     _, _, metrics = score(ctx, teacher, samples)
     metrics.update(update_discriminator(ctx, teacher, samples))
     if step >= ctx.cfg.train.d_only_steps:
-        with ctx.phase("g_update"):
-            g = ctx.actor.train("sft_step", teacher, teacher.response_tokens())
-        metrics.update({f"g/{k}": v for k, v in g.items()})
+        metrics.update(sft_update(ctx, teacher))
         sync_rollout(ctx)
     metrics.update(length_metrics(teacher, samples))
     return metrics
@@ -148,9 +165,7 @@ def warmup_step(ctx: StepContext, batch, step: int) -> dict:
 def seqkd_step(ctx: StepContext, batch, step: int) -> dict:
     """The SFT-only baseline: no samples, no discriminator."""
     teacher = teacher_sequences(batch)
-    with ctx.phase("g_update"):
-        g = ctx.actor.train("sft_step", teacher, teacher.response_tokens())
-    metrics = {f"g/{k}": v for k, v in g.items()}
+    metrics = sft_update(ctx, teacher)
     metrics.update(length_metrics(teacher, None))
     return metrics
 
@@ -176,12 +191,18 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
     samples.fields.update(advantage=adv.tolist(), old_logprobs=[a.tolist() for a in old],
                           ref_logprobs=[a.tolist() for a in ref])
     with ctx.phase("g_update"):
-        # ppo_epochs passes over the same samples; from the second on, the ratio to the
-        # sampling policy departs from 1 and the clip takes effect. Metrics of the last pass.
+        # ppo_epochs passes over the same samples, each in mini-batches of prompts (one
+        # optimizer step each, normalised over its own mini-batch). After the first step the
+        # ratio to the sampling policy departs from 1 and the clip takes effect. Metrics:
+        # the mean over the last pass's steps; optimizer_steps counts all of them.
+        parts = prompt_minibatches(samples, cfg.actor.mini_batch_prompts)
         for _ in range(cfg.actor.ppo_epochs):
-            g = ctx.actor.train("policy_step", samples, _global_norm(samples, cfg.actor.loss_agg),
-                                cfg.rollout.temperature)
-    metrics.update({f"g/{k}": v for k, v in g.items()})
+            g = [ctx.actor.train("policy_step", p, _global_norm(p, cfg.actor.loss_agg),
+                                 cfg.rollout.temperature) for p in parts]
+    g_metrics = mean_metrics(g)
+    if g_metrics:
+        g_metrics["optimizer_steps"] = len(parts) * cfg.actor.ppo_epochs
+    metrics.update({f"g/{k}": v for k, v in g_metrics.items()})
     metrics["g/reward_mean"] = float(rewards.mean())
     if ctx.monitor is not None:
         with ctx.phase("monitor"):

@@ -53,6 +53,19 @@ class Sequences:
         return sum(len(r) for r in self.responses)
 
 
+def prompt_minibatches(seqs: Sequences, prompts: int | None) -> list[Sequences]:
+    """`seqs` split into mini-batches of `prompts` prompt groups each, every sequence of a
+    group in the same one, groups in order of first appearance; None: one, all of `seqs`."""
+    order: dict[int, list[int]] = {}
+    for i, g in enumerate(seqs.group):
+        order.setdefault(g, []).append(i)
+    groups = list(order.values())
+    if prompts is None or prompts >= len(groups):
+        return [seqs]
+    return [seqs.take([i for grp in groups[k:k + prompts] for i in grp])
+            for k in range(0, len(groups), prompts)]
+
+
 def budget_chunks(lengths: list[int], token_budget: int, groups: list[int] | None = None
                   ) -> list[list[int]]:
     """Consecutive index chunks whose padded size (rows * longest row) fits `token_budget`.
