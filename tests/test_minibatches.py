@@ -32,6 +32,9 @@ def test_a_mini_batch_size_that_does_not_divide_the_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"actor.mini_batch_prompts=3 must divide "
                                          r"train.prompts_per_step=4"):
         load_config(None, ["train.prompts_per_step=4", "actor.mini_batch_prompts=3"])
+    with pytest.raises(ValueError, match=r"discriminator.parallel.dp=2 replicas no prompt"):
+        load_config(None, ["train.prompts_per_step=4", "discriminator.mini_batch_prompts=1",
+                           "discriminator.parallel.dp=2"])
 
 
 class Recorder:

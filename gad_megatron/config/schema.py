@@ -303,6 +303,10 @@ class GADConfig:
             if k is not None and self.train.prompts_per_step % k:
                 raise ValueError(f"{role}.mini_batch_prompts={k} must divide "
                                  f"train.prompts_per_step={self.train.prompts_per_step}")
+            dp = getattr(self, role).parallel.dp
+            if k is not None and k < dp:  # a prompt group is never split across replicas
+                raise ValueError(f"{role}.mini_batch_prompts={k} gives some of the "
+                                 f"{role}.parallel.dp={dp} replicas no prompt; use >= {dp}")
         if self.train.stage == Stage.GAD and self.rollout.n < 2:
             raise ValueError(f"rollout.n must be >= 2 in the gad stage (GRPO normalises over "
                              f"each prompt's samples), got {self.rollout.n}")
