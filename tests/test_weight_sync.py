@@ -121,36 +121,49 @@ def test_weight_sync_is_exact(tmp_path, family, tp, pp, tied):
             assert results[1]["megatron_greedy"] == r["megatron_greedy"]
 
 
-def broadcast_rank(rank, model_dir):
+def broadcast_rank(rank, model_dir, port, engine_dir):
     """Rank 0: a trainer replica that sends; rank 1: an engine process that receives, over
-    a torch.distributed group of its own (gloo here, NCCL between GPUs)."""
-    import torch.distributed as dist
-
+    a weight group of their own (gloo here, NCCL between GPUs), beside the default group.
+    `engine_dir`: the model the engine holds (another shape: the sync must be refused)."""
     from gad_megatron.checkpoint.hf_io import export_hf_tensors, load_hf_weights
     from gad_megatron.models.builder import build_gpt
     from gad_megatron.models.hf_config import read_hf_config
-    from gad_megatron.resharding.broadcast import BroadcastTransport, receive_broadcast
-    from gad_megatron.resharding.execute import sync_weights
+    from gad_megatron.parallel.launch import LOOPBACK
+    from gad_megatron.resharding.broadcast import GroupTransport
+    from gad_megatron.resharding.execute import SyncMismatch, sync_weights
+    from gad_megatron.resharding.weight_group import WeightGroup
     from gad_megatron.rollout.hf_engine import HFEngine
+    from gad_megatron.rollout.receiver import HostReceiver
 
-    group = dist.new_group([0, 1])
+    group = WeightGroup(LOOPBACK, port, 2, rank, "gloo", timeout_s=60)
     arch = read_hf_config(model_dir)
     if rank == 0:
         model = build_gpt(arch, 1, 1)
         load_hf_weights(model, arch, model_dir)
         perturb(model, arch)
-        stats = sync_weights(model, arch, BroadcastTransport(group, src=0), BUCKET_BYTES)
+        try:
+            stats = sync_weights(model, arch, GroupTransport(group), BUCKET_BYTES)
+        except SyncMismatch as err:
+            return {"refused": str(err)}
         return {"stats": stats, "exported": {n: t.clone() for n, t in export_hf_tensors(model, arch)}}
-    engine = HFEngine.from_pretrained(model_dir, eos_id=NO_EOS, pad_id=0)
+    engine = HFEngine.from_pretrained(engine_dir, eos_id=NO_EOS, pad_id=0)
     before = {k: v.clone() for k, v in engine.state_dict().items()}
-    buckets, nbytes = receive_broadcast(engine, group, src=0)
+    receiver = HostReceiver(engine)
+    receiver.group = group
+    try:
+        buckets, nbytes = receiver.receive_weights()
+    except SyncMismatch as err:
+        return {"refused": str(err), "before": before, "engine": engine.state_dict()}
     return {"engine": engine.state_dict(), "before": before, "buckets": buckets, "bytes": nbytes}
 
 
-def test_weight_sync_over_a_process_group_is_exact(tmp_path):
+def test_weight_sync_over_a_weight_group_is_exact(tmp_path):
+    from gad_megatron.parallel.launch import free_port
+
     model_dir = make_hf_model("qwen3", tmp_path / "qwen3")
     # dp=2 only gives the two processes a world; rank 1 never builds an actor.
-    sender, receiver = run_parallel(broadcast_rank, dp=2, args=(model_dir,))
+    sender, receiver = run_parallel(broadcast_rank, dp=2,
+                                    args=(model_dir, free_port(), model_dir))
     exported, engine = sender["exported"], receiver["engine"]
     assert set(exported) == set(engine)
     for name, tensor in exported.items():
@@ -158,3 +171,20 @@ def test_weight_sync_over_a_process_group_is_exact(tmp_path):
         assert engine[name].dtype == tensor.dtype and torch.equal(engine[name], tensor), name
     stats = sender["stats"]
     assert receiver["buckets"] == stats.buckets > 3 and receiver["bytes"] == stats.bytes
+
+
+def test_a_weight_group_sync_the_engine_cannot_take_is_refused_before_any_weight_changes(
+        tmp_path):
+    """The engine holds a model of another width: the manifest is refused on both sides,
+    naming the tensor, and not one of the engine's weights changes."""
+    from gad_megatron.parallel.launch import free_port
+
+    model_dir = make_hf_model("qwen3", tmp_path / "qwen3")
+    other = make_hf_model("qwen3", tmp_path / "wide", intermediate_size=96)
+    sender, receiver = run_parallel(broadcast_rank, dp=2, args=(model_dir, free_port(), other))
+    for side in (sender, receiver):
+        assert "refused by the engine" in side["refused"]
+        assert "'model.layers.0.mlp.gate_proj.weight' has shape [64, 32], the engine holds " \
+               "[96, 32]" in side["refused"]
+    for name, tensor in receiver["before"].items():
+        assert torch.equal(receiver["engine"][name], tensor), name

@@ -107,6 +107,14 @@ def _check(name: str, shape, expected: dict, seen: set) -> None:
     seen.add(name)
 
 
+def _first_param(model):
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for p in chunk.parameters():
+            return p
+    raise ValueError("weight sync: the model has no parameters")
+
+
 def sync_weights(model, arch: HFArch, transport, bucket_bytes: int) -> SyncStats:
     """Send the model's weights (HF names, full tensors) through `transport`. Collective."""
     start = time.perf_counter()
@@ -117,7 +125,11 @@ def sync_weights(model, arch: HFArch, transport, bucket_bytes: int) -> SyncStats
     sender = is_sender()
     expected = {n: s for m in param_metas(arch, pp) for n, s in zip(m.hf_names, m.hf_shapes)}
     seen: set[str] = set()
-    bucketer = _Bucketer(transport, bucket_bytes, stats) if sender else None
+    bucketer = None
+    if sender:
+        dtype = str(_first_param(model).dtype).removeprefix("torch.")
+        transport.begin([[n, list(s), dtype] for n, s in expected.items()])
+        bucketer = _Bucketer(transport, bucket_bytes, stats)
     for name, tensor in export_hf_tensors(model, arch):
         if bucketer is None:
             continue  # every rank of the replica must drain the collective generator

@@ -1,14 +1,16 @@
-"""Where a weight-sync bucket goes. A transport gets `send(bucket)` once per bucket, in order,
-then `finish()`, on the one sending trainer rank (see execute.py).
+"""Where a weight-sync bucket goes. On the one sending trainer rank (see execute.py) a
+transport gets `begin(manifest)` once, `send(bucket)` once per bucket, in order, then
+`finish()`.
 
 Implemented here are the transports the CPU tests can run:
 - `InProcessTransport`: the engine lives in the sending process (colocated, or a single-GPU
   run without Ray); buckets go straight into `engine.update_weights`.
-- `CallbackTransport`: any function that ships a bucket; the Ray layer passes one that puts
-  the bucket in the object store and calls the remote engine. No Ray import here.
+- `CallbackTransport`: any function that ships a bucket (tests, benchmarks).
 
-`broadcast.py` sends buckets over a torch.distributed group (gloo on CPU, NCCL on GPUs);
-CUDA IPC between colocated processes is designed in docs/weight_sync.md.
+`broadcast.GroupTransport` sends buckets over a weight group of their own (gloo on CPU, NCCL
+on GPUs) to an engine in another process: the Ray backend's path for every engine, and the
+inline path into vLLM's workers. CUDA IPC between colocated processes is designed in
+docs/weight_sync.md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 
 class Transport(Protocol):
+    def begin(self, manifest: list) -> None:
+        """The whole sync's [name, shape, dtype] list, before any bucket: a transport whose
+        engine cannot take it refuses here, while no weight has changed yet."""
+
     def send(self, bucket: Bucket) -> None:
         """Deliver one bucket of HF-named full tensors; the caller may reuse the memory after."""
 
@@ -35,6 +41,9 @@ class InProcessTransport:
         self.engine = engine
         self.buckets_sent = 0
         self.bytes_sent = 0
+
+    def begin(self, manifest: list) -> None:
+        pass  # the engine checks each bucket whole before copying any of it
 
     def send(self, bucket: Bucket) -> None:
         self.engine.update_weights(bucket)
@@ -52,6 +61,9 @@ class CallbackTransport:
                  on_finish: Callable[[], object] | None = None):
         self.fn, self.on_finish = fn, on_finish
         self.buckets_sent = 0
+
+    def begin(self, manifest: list) -> None:
+        pass
 
     def send(self, bucket: Bucket) -> None:
         self.fn(bucket)

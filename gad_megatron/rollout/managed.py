@@ -8,7 +8,8 @@ fp32.
 `SleepingEngine` keeps an engine asleep between uses when the devices are shared with the
 trainer (colocated), so the engine's weights and KV cache do not sit in memory the actor,
 discriminator and reference need for their steps. Order, per step:
-generate = wake, sample, sleep; weight sync = wake, every bucket, `end_sync` sleeps.
+generate = wake, sample, sleep; weight sync = wake, every bucket, `end_sync` sleeps (or, over
+a weight group: wake, receive the whole sync, sleep).
 A sync always follows a wake, so an engine whose sleep drops its weights (SGLang without a
 CPU backup) still serves the weights the sync sent.
 """
@@ -42,10 +43,15 @@ def engine_options(kind: str, dtype: str, use_gpus: bool, gpu_memory_utilization
 
 
 class SleepingEngine:
-    """An engine that is awake only while it samples or receives weights (when `enabled`)."""
+    """An engine that is awake only while it samples or receives weights (when `enabled`).
+    Weights arrive bucket by bucket (`update_weights`, then `end_sync`), or as one whole sync
+    over a weight group (`join_weight_group` once, then `receive_weights`)."""
 
-    def __init__(self, engine, enabled: bool):
+    def __init__(self, engine, enabled: bool, sync_timeout_s: float = 600.0):
+        from gad_megatron.rollout.receiver import receiver_for
+
         self.engine, self.enabled = engine, enabled
+        self.receiver = receiver_for(engine, sync_timeout_s)
         self.awake = True
         self._sleep()  # the trainer's models come next: leave them the memory
 
@@ -72,3 +78,18 @@ class SleepingEngine:
 
     def end_sync(self) -> None:
         self._sleep()
+
+    @property
+    def weight_receivers(self) -> int:
+        return self.receiver.weight_receivers
+
+    def join_weight_group(self, addr: str, port: int, world: int, first_rank: int,
+                          backend: str = "gloo") -> None:
+        self.receiver.join_weight_group(addr, port, world, first_rank, backend)
+
+    def receive_weights(self) -> tuple[int, int]:
+        self._wake()
+        try:
+            return self.receiver.receive_weights()
+        finally:
+            self._sleep()

@@ -24,18 +24,27 @@ class Roles:
 
 
 class LocalRollout:
-    """A rollout engine in this process; weights arrive through an in-process transport.
-    `engine` is a rollout/managed.py SleepingEngine (asleep between uses when enabled)."""
+    """A rollout engine held by this process. `engine` is a rollout/managed.py
+    SleepingEngine (asleep between uses when enabled). Weights arrive through an in-process
+    transport, or, for an engine whose workers are processes of their own (vLLM), by
+    broadcast to them over a loopback weight group with this process sending."""
 
-    def __init__(self, engine, bucket_bytes: int):
-        self.engine, self.bucket_bytes = engine, bucket_bytes
+    def __init__(self, engine, bucket_bytes: int, backend: str = "gloo"):
+        self.engine, self.bucket_bytes, self.backend = engine, bucket_bytes, backend
+        self._link = None
 
     def generate(self, *args, **kwargs):
         return self.engine.generate(*args, **kwargs)
 
     def sync_from(self, actor: Role) -> None:
         from gad_megatron.resharding.transport import InProcessTransport
+        from gad_megatron.rollout.receiver import LocalLink, has_own_receivers
 
+        if has_own_receivers(self.engine.engine):
+            if self._link is None:
+                self._link = LocalLink(self.engine, self.backend)
+            self._link.sync(lambda t: actor.call_all("sync_weights", t, self.bucket_bytes))
+            return
         actor.call_all("sync_weights", InProcessTransport(self.engine), self.bucket_bytes)
         self.engine.end_sync()
 
@@ -74,7 +83,8 @@ def start_inline(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Roles:
         monitor = Role("monitor", InlineGroup(
             DiscriminatorWorker, cfg.discriminator, inputs.monitor, inputs.pad_id,
             inputs.eos_id, seed, total_steps), cfg.discriminator.parallel)
-    rollout = LocalRollout(_make_engine(cfg, inputs), cfg.rollout.bucket_mb << 20)
+    rollout = LocalRollout(_make_engine(cfg, inputs), cfg.rollout.bucket_mb << 20,
+                           "nccl" if cfg.run.use_gpus else "gloo")
     return Roles(actor, rollout, disc, ref, lambda: None, monitor)
 
 

@@ -1,7 +1,9 @@
 """Roles as Ray worker groups, and the rollout engine as a Ray actor.
 
 Ray is only the carrier here: the worker classes are the same plain classes the inline
-backend runs, and weights reach the engine through the resharding transport interface.
+backend runs. Weights reach the engine by broadcast over a weight group of their own
+(resharding/broadcast.py), from the actor's sending rank into the engine's process(es), so
+no bucket travels through Ray's object store.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ class EngineHost:
     def generate(self, *args, **kwargs):
         return self.engine.generate(*args, **kwargs)
 
-    def update_weights(self, bucket) -> int:
-        self.engine.update_weights(bucket)
-        return len(bucket)
+    def weight_receivers(self) -> int:
+        return self.engine.weight_receivers
 
-    def end_sync(self) -> None:
-        self.engine.end_sync()
+    def join_weight_group(self, addr: str, port: int, world: int, backend: str) -> None:
+        self.engine.join_weight_group(addr, port, world, 1, backend)
+
+    def receive_weights(self) -> tuple[int, int]:
+        return self.engine.receive_weights()
 
     def pid(self) -> int:
         import os
@@ -53,19 +57,6 @@ class EngineHost:
         import ray
 
         return ray.util.get_node_ip_address(), os.getpid()
-
-
-class RaySender:
-    """Ships one bucket of HF-named tensors to the engine actor (called on the actor's
-    sending rank, inside its Ray worker process)."""
-
-    def __init__(self, handle, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
-
-    def __call__(self, bucket) -> None:
-        import ray
-
-        ray.get(self.handle.update_weights.remote(bucket), timeout=self.timeout_s)
 
 
 def engine_env(local: bool, gpu_ids: list | None = None) -> dict[str, str]:
@@ -116,6 +107,8 @@ class RayRollout:
 
         self.timeout_s = cfg.run.worker_timeout_s
         self.bucket_bytes = cfg.rollout.bucket_mb << 20
+        self.backend = "nccl" if cfg.run.use_gpus else "gloo"
+        self.joined = False
         self.pg, self.owns_pg = pg, pg is None
         if pg is None:
             self.pg = reserve(placement.bundles, f"rollout-{id(self)}", self.timeout_s, "rollout")
@@ -145,13 +138,29 @@ class RayRollout:
 
         return wait_for("rollout", [self.handle.where.remote()], self.timeout_s)[0]
 
-    def sync_from(self, actor: Role) -> None:
+    def _join(self, actor: Role) -> None:
+        """Open the weight group: the actor's sending rank as rank 0, the engine's
+        receivers after it (once, before the first sync)."""
         from gad_megatron.cluster.group import wait_for
-        from gad_megatron.resharding.transport import CallbackTransport
 
-        transport = CallbackTransport(RaySender(self.handle, self.timeout_s))
-        actor.call_all("sync_weights", transport, self.bucket_bytes)
-        wait_for("rollout", [self.handle.end_sync.remote()], self.timeout_s, call="end_sync")
+        addr, port = next(a for a in actor.call_all("open_weight_port") if a is not None)
+        world = 1 + wait_for("rollout", [self.handle.weight_receivers.remote()],
+                             self.timeout_s)[0]
+        joining = self.handle.join_weight_group.remote(addr, port, world, self.backend)
+        actor.call_all("join_weight_group", addr, port, world, self.backend, self.timeout_s)
+        wait_for("rollout", [joining], self.timeout_s, call="join_weight_group")
+        self.joined = True
+
+    def sync_from(self, actor: Role) -> None:
+        """Broadcast the actor's weights straight into the engine's process(es) over the
+        weight group: no bucket goes through Ray's object store."""
+        from gad_megatron.cluster.group import wait_for
+
+        if not self.joined:
+            self._join(actor)
+        receiving = self.handle.receive_weights.remote()
+        actor.call_all("sync_weights_to_group", self.bucket_bytes)  # raises if refused
+        wait_for("rollout", [receiving], self.timeout_s, call="receive_weights")
 
     def shutdown(self) -> None:
         import ray

@@ -143,8 +143,39 @@ class ActorWorker:
         """Stream HF-named weights to a rollout engine (collective over this role)."""
         from gad_megatron.resharding.execute import sync_weights
 
-        sync_weights(self.policy.model.module if hasattr(self.policy.model, "module")
-                     else self.policy.model, self.policy.arch, transport, bucket_bytes)
+        sync_weights(self._bare(), self.policy.arch, transport, bucket_bytes)
+
+    # ---- the weight group to a rollout engine in another process (the Ray backend)
+    def open_weight_port(self) -> tuple[str, int] | None:
+        """(address, free port) for a weight group on the sending rank; None elsewhere.
+        The sender (TP 0, PP 0, DP 0) is global rank 0, whose address is MASTER_ADDR."""
+        import os
+
+        from gad_megatron.parallel.launch import free_port
+        from gad_megatron.resharding.execute import is_sender
+
+        if not is_sender():
+            return None
+        addr = os.environ["MASTER_ADDR"]
+        return addr, free_port(addr)
+
+    def join_weight_group(self, addr: str, port: int, world: int, backend: str,
+                          timeout_s: float) -> None:
+        """The sending rank joins as rank 0 (collective with the engine's receivers)."""
+        from gad_megatron.resharding.execute import is_sender
+        from gad_megatron.resharding.weight_group import WeightGroup
+
+        if is_sender():
+            self._weight_group = WeightGroup(addr, port, world, 0, backend, timeout_s)
+
+    def sync_weights_to_group(self, bucket_bytes: int) -> None:
+        """`sync_weights` over the joined weight group (collective over this role and the
+        engine's receivers)."""
+        from gad_megatron.resharding.broadcast import GroupTransport
+        from gad_megatron.resharding.execute import is_sender
+
+        transport = GroupTransport(self._weight_group) if is_sender() else None
+        self.sync_weights(transport, bucket_bytes)
 
     def export_hf(self, out_dir: str, tokenizer_src: str | None = None) -> None:
         import torch.distributed as dist
