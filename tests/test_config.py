@@ -39,8 +39,9 @@ def test_yaml_then_key_value_overrides_are_typed(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["train.stage=distill"], "train.stage: 'distill' is not one of ['warmup', 'gad', 'seqkd']"),
     (["train.stage=gad", "rollout.n=1"], "rollout.n must be >= 2 in the gad stage"),
-    (["rollout.engine=vllm"], "rollout.engine='vllm' needs the 'vllm' package, which is not "
-                              "installed"),
+    # SGLang has no CPU build, so it is never installed on a CPU machine.
+    (["rollout.engine=sglang"], "rollout.engine='sglang' needs the 'sglang' package, which is "
+                                "not installed"),
     (["actor.optimizer.lr=1"], "unknown key 'optimizer' in actor; did you mean 'optim'?"),
     (["train.steps=ten"], "train.steps: expected int, got 'ten'"),
     (["actor.parallel.tp=0"], "actor.parallel.tp: must be >= 1, got 0"),

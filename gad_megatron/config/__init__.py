@@ -26,6 +26,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+# vLLM 0.32's CPU attention backend (CPUAttentionBackend.get_supported_head_sizes).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 def check_against_model(cfg: GADConfig, arch) -> None:
     """Refuse parallel layouts that cannot split this architecture (before workers start)."""
     from gad_megatron.models.hf_config import check_parallel
@@ -37,6 +41,13 @@ def check_against_model(cfg: GADConfig, arch) -> None:
             check_parallel(arch, par.tp, par.pp)
         except ValueError as exc:
             raise ConfigError(f"{role}.parallel: {exc}") from None
+    if cfg.rollout.engine == "vllm" and arch.head_dim not in VLLM_CPU_HEAD_DIMS:
+        import torch
+
+        if not torch.cuda.is_available():
+            where = "model.tiny_head_dim" if not cfg.model.hf_path else cfg.model.hf_path
+            raise ConfigError(f"rollout.engine=vllm: vLLM's CPU attention takes head_dim in "
+                              f"{list(VLLM_CPU_HEAD_DIMS)}, and {where} gives {arch.head_dim}")
     if cfg.rollout.engine != "hf" and arch.num_heads % cfg.rollout.tp:
         raise ConfigError(f"rollout.tp={cfg.rollout.tp} does not divide "
                           f"num_attention_heads={arch.num_heads}")

@@ -94,6 +94,7 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("ModelConfig", "dtype"): Choice(("float32", "bfloat16", "float16")),
     ("ModelConfig", "tiny_layers"): AT_LEAST_1,
     ("ModelConfig", "tiny_hidden"): AT_LEAST_1,
+    ("ModelConfig", "tiny_head_dim"): AT_LEAST_1,
     ("DataConfig", "format"): Choice(FORMATS),
     ("DataConfig", "template"): Choice(TEMPLATES),
     ("DataConfig", "prompt_len_policy"): Choice(LENGTH_POLICIES),

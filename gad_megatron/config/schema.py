@@ -49,6 +49,10 @@ class ModelConfig:
     """Embedded default only: transformer layers of the tiny student."""
     tiny_hidden: int = 64
     """Embedded default only: hidden size of the tiny student."""
+    tiny_head_dim: int | None = None
+    """Embedded default only: attention head size of the tiny student. None: 16, or 64 when
+    rollout.engine is vllm (vLLM's CPU attention refuses head_dim 16; it takes 32, 64, 80,
+    96, 112, 128, 160, 192, 224, 256 or 512)."""
     allow_pickle: bool = False
     """Accept an hf_path whose weights are only pickle files (`pytorch_model*.bin`). Off by
     default: unpickling can run any code the file holds. When on, the files are read once
@@ -313,7 +317,8 @@ class GADConfig:
         package = ENGINE_PACKAGES[self.rollout.engine]
         if importlib.util.find_spec(package) is None:
             raise ValueError(f"rollout.engine={self.rollout.engine!r} needs the '{package}' "
-                             f"package, which is not installed (pip install -e '.[{package}]')")
+                             f"package, which is not installed (on CPU: make setup-vllm; on GPU machines: make setup-gpu "
+                             f"ENGINE={package})")
 
 
 def _one_of(name: str, value, allowed) -> None:

@@ -13,16 +13,17 @@ from gad_megatron.workers.common import WeightsSource
 TINY_DIR = "init_model"
 
 
-def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_id: int) -> dict:
+def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_id: int,
+                   head_dim: int = 16) -> dict:
     """A small Qwen3-shaped student for the embedded default (GQA, q/k norm, RoPE)."""
-    # 4 query heads over 2 KV groups (GQA), so TP=2 splits it; head_dim 16 as in Qwen3's
-    # 128-of-hidden/heads style, independent of hidden/heads.
+    # 4 query heads over 2 KV groups (GQA), so TP=2 splits it; head_dim independent of
+    # hidden/heads, as in Qwen3 (16 by default; vLLM's CPU attention needs 32 or more).
     heads = 4
     return {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": hidden * 3,
         "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
+        "num_key_value_heads": 2, "head_dim": head_dim, "hidden_act": "silu",
         "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
         "eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": None,
@@ -38,8 +39,9 @@ def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer) -> Path:
 
     if (out_dir / "config.json").is_file():
         return out_dir
+    head_dim = cfg.model.tiny_head_dim or (64 if cfg.rollout.engine == "vllm" else 16)
     hf = tiny_hf_config(len(tokenizer), cfg.model.tiny_layers, cfg.model.tiny_hidden,
-                        eos_id(tokenizer), pad_id(tokenizer))
+                        eos_id(tokenizer), pad_id(tokenizer), head_dim)
     torch.manual_seed(cfg.train.seed)
     model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**hf))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
