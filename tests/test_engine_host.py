@@ -55,3 +55,12 @@ def test_engine_env_shows_a_colocated_engine_its_tp_gpus():
     assert env["CUDA_VISIBLE_DEVICES"] == "3,5"
     assert env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
     assert "CUDA_VISIBLE_DEVICES" not in engine_env(local=False)
+
+
+def test_cpu_thread_binding_gives_each_vllm_worker_cores_of_its_own():
+    from gad_megatron.rollout.vllm_engine import cpu_thread_binding
+
+    assert cpu_thread_binding([0, 1], 2) == "0|1"
+    assert cpu_thread_binding([3, 0, 2, 1, 4], 2) == "0,1|2,3"  # sorted; a leftover core idles
+    with pytest.raises(ValueError, match="binds each of its 4 workers.*may use 2 core"):
+        cpu_thread_binding([0, 1], 4)

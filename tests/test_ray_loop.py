@@ -1,6 +1,7 @@
 """The full system through Ray: real Megatron worker groups (actor at TP=2), the hf engine in
-its own actor, weight sync through the object store, warmup then gad; and a killed worker
-surfacing as an error that names its role and rank."""
+its own actor, weight sync by broadcast over a weight group (never through the object
+store), warmup then gad; and a killed worker surfacing as an error that names its role and
+rank."""
 
 from __future__ import annotations
 
@@ -60,6 +61,29 @@ def test_a_killed_worker_is_reported_by_role_and_rank(tmp_path):
         with pytest.raises(WorkerError, match=r"discriminator rank [01] died"):
             roles.disc.map_sequences("scores", Sequences([[1, 5, 6]], [[7, 2]]))
         assert time.monotonic() - start < 60
+    finally:
+        roles.shutdown()
+
+
+def _store_bytes_created() -> int:
+    """Bytes ever put in Ray's object store, cluster-wide (a cumulative counter)."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    return get_memory_info_reply(get_state_from_address()).store_stats.cumulative_created_bytes
+
+
+def test_no_weight_bucket_goes_through_the_object_store(tmp_path):
+    """A sync of ~5 MB of weights adds (next to) nothing to the object store: the buckets go
+    by broadcast from the actor's sending rank into the engine's process."""
+    cfg = ray_cfg(tmp_path, "warmup", "model.tiny_hidden=256", "actor.parallel.tp=2")
+    roles = start_ray_roles(cfg, resolve_inputs(cfg), total_steps=2)
+    try:
+        for _ in range(2):  # the first sync also opens the weight group
+            before = _store_bytes_created()
+            buckets, nbytes = roles.rollout.sync_from(roles.actor)
+            created = _store_bytes_created() - before
+            assert nbytes > 4 << 20 and buckets >= 1
+            assert created < 64 << 10, f"{created} bytes went through the object store"
     finally:
         roles.shutdown()
 

@@ -45,6 +45,18 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_thread_binding(cores: list[int], tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `tp` CPU workers: the usable cores split into `tp`
+    disjoint lists ("0,1|2,3"). vLLM binds each worker's threads to a NUMA node of its own
+    unless told, and refuses a TP larger than the NUMA nodes a machine has."""
+    cores = sorted(cores)
+    if len(cores) < tp:
+        raise ValueError(f"vLLM on CPU binds each of its {tp} workers to cores of its own; "
+                         f"this process may use {len(cores)} core(s): lower rollout.tp")
+    per = len(cores) // tp
+    return "|".join(",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(tp))
+
+
 class VLLMEngine:
     """`vllm.LLM` behind the RolloutEngine protocol, with weight sync by broadcast."""
 
@@ -60,19 +72,30 @@ class VLLMEngine:
         if enable_sleep_mode and not self.sleep_supported:
             print("vllm: the CPU backend has no sleep mode; the engine keeps its weights and "
                   "KV cache in memory between rollouts", file=sys.stderr, flush=True)
+        bind = {}
         if not _on_gpu():
             # The CPU backend's KV cache is this many GiB of host memory (vLLM's default 4
             # is more than a small test needs); CUDA graphs and compilation are GPU-only gains.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             llm_kwargs.setdefault("enforce_eager", True)
-        self.llm = LLM(model=str(model_path), tensor_parallel_size=tp, dtype=dtype,
-                       gpu_memory_utilization=gpu_memory_utilization,
-                       enable_sleep_mode=self.sleep_supported,
-                       logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
-                       worker_extension_cls=EXTENSION,
-                       # "vllm": ignore the checkpoint's generation_config.json defaults
-                       # (top_k, repetition_penalty...), which would change the distribution.
-                       generation_config="vllm", **llm_kwargs)
+            if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                bind = {"VLLM_CPU_OMP_THREADS_BIND":
+                        cpu_thread_binding(list(os.sched_getaffinity(0)), tp)}
+        # The binding is set only while vLLM starts its workers (they read it then): another
+        # engine of this process, at another TP, must not inherit it.
+        os.environ.update(bind)
+        try:
+            self.llm = LLM(model=str(model_path), tensor_parallel_size=tp, dtype=dtype,
+                           gpu_memory_utilization=gpu_memory_utilization,
+                           enable_sleep_mode=self.sleep_supported,
+                           logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
+                           worker_extension_cls=EXTENSION,
+                           # "vllm": ignore the checkpoint's generation_config.json defaults
+                           # (top_k, repetition_penalty...): they would change the sampling.
+                           generation_config="vllm", **llm_kwargs)
+        finally:
+            for key in bind:
+                del os.environ[key]
         self._asleep = False
         self._link = None  # the loopback group `update_weights` sends over
 

@@ -151,16 +151,18 @@ class RayRollout:
         wait_for("rollout", [joining], self.timeout_s, call="join_weight_group")
         self.joined = True
 
-    def sync_from(self, actor: Role) -> None:
+    def sync_from(self, actor: Role) -> tuple[int, int]:
         """Broadcast the actor's weights straight into the engine's process(es) over the
-        weight group: no bucket goes through Ray's object store."""
+        weight group: no bucket goes through Ray's object store. Returns the (buckets,
+        bytes) the engine received."""
         from gad_megatron.cluster.group import wait_for
 
         if not self.joined:
             self._join(actor)
         receiving = self.handle.receive_weights.remote()
         actor.call_all("sync_weights_to_group", self.bucket_bytes)  # raises if refused
-        wait_for("rollout", [receiving], self.timeout_s, call="receive_weights")
+        return tuple(wait_for("rollout", [receiving], self.timeout_s,
+                              call="receive_weights")[0])
 
     def shutdown(self) -> None:
         import ray
