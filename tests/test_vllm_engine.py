@@ -215,3 +215,15 @@ def test_a_tp1_trainer_feeds_an_engine_at_tp2(model_dir, engine):
         assert got == want
     finally:
         tp2.shutdown()
+
+
+def test_on_cpu_sleep_is_refused_at_start_not_mid_run(engine):
+    """vLLM's CPU backend has no sleep mode: the adapter said so when it started (the
+    fixture's engine asked for sleep mode, the default), and sleep/wake change nothing."""
+    assert not engine.sleep_supported
+    want = engine.generate(PROMPTS[:2], n=1, temperature=0.0, top_p=1.0, max_new_tokens=4,
+                           seed=0).responses
+    engine.sleep()
+    engine.wake()
+    assert engine.generate(PROMPTS[:2], n=1, temperature=0.0, top_p=1.0, max_new_tokens=4,
+                           seed=0).responses == want
