@@ -160,9 +160,24 @@ class RayRollout:
         if not self.joined:
             self._join(actor)
         receiving = self.handle.receive_weights.remote()
-        actor.call_all("sync_weights_to_group", self.bucket_bytes)  # raises if refused
+        try:
+            actor.call_all("sync_weights_to_group", self.bucket_bytes)  # raises if refused
+        except Exception:
+            self._engine_failure(receiving)  # an engine that died mid-sync is the cause
+            raise
         return tuple(wait_for("rollout", [receiving], self.timeout_s,
                               call="receive_weights")[0])
+
+    def _engine_failure(self, receiving) -> None:
+        """Raise the engine's own error when its side of the sync has failed: the sender
+        then only saw the broadcast break, and the run must name the role that died."""
+        import ray
+
+        from gad_megatron.cluster.group import wait_for
+
+        ready, _ = ray.wait([receiving], timeout=5.0)
+        if ready:
+            wait_for("rollout", ready, self.timeout_s, call="receive_weights")
 
     def shutdown(self) -> None:
         import ray
