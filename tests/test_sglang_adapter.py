@@ -183,3 +183,17 @@ def test_seeds_reproduce_only_with_deterministic_inference(sglang, deterministic
     runs = [engine.generate([[1, 2]], n=4, temperature=0.8, top_p=1.0, max_new_tokens=3,
                             seed=11).responses for _ in range(2)]
     assert (runs[0] == runs[1]) is deterministic
+
+
+def test_sglang_receives_on_its_host_checked_against_its_checkpoint(sglang, tmp_path):
+    """SGLang receives weight-group syncs in the process holding it (HostReceiver); the
+    manifest is checked against the checkpoint's tensors in the engine's dtype."""
+    from gad_megatron.rollout.receiver import HostReceiver, receiver_for
+    from tests.tiny_models import make_hf_model
+
+    model_dir = make_hf_model("qwen3", tmp_path / "m")
+    engine = SGLangEngine(str(model_dir), dtype="bfloat16")
+    assert isinstance(receiver_for(engine), HostReceiver)
+    manifest = engine.weight_manifest()
+    assert manifest["model.layers.0.mlp.gate_proj.weight"] == ((64, 32), "bfloat16")
+    assert len(manifest) == 2 + 2 * 11 + 1  # embed, norm, lm_head; 11 tensors a layer

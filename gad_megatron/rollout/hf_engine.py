@@ -188,6 +188,11 @@ class HFEngine:
         """The engine's weights by HF name (for checks and tests)."""
         return {k: v.detach() for k, v in self._params.items()}
 
+    def weight_manifest(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype name) of the weights a sync must send."""
+        return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                for k, v in self._params.items()}
+
     # ------------------------------------------------------------------ memory
 
     def sleep(self) -> None:

@@ -10,15 +10,34 @@ weight ever travels through Ray's object store or an engine's RPC serialiser.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Callable
 
-from gad_megatron.resharding.broadcast import GroupTransport, dtype_name, receive_weights
+from gad_megatron.resharding.broadcast import GroupTransport, receive_weights
 from gad_megatron.resharding.execute import SyncMismatch
 from gad_megatron.resharding.weight_group import DEFAULT_TIMEOUT_S, WeightGroup
 
 
+def checkpoint_manifest(model_dir: str, dtype: str) -> dict:
+    """name -> (shape, dtype name) of every tensor in `model_dir`'s safetensors files: the
+    HF-named weights the engine serves, as a sync must send them. `dtype`: the dtype the
+    engine runs in (vLLM casts what it loads to it, so a sync must send that dtype)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors file to read the weights' "
+                                f"names and shapes from")
+    expected = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                expected[name] = (tuple(f.get_slice(name).get_shape()), dtype)
+    return expected
+
+
 class HostReceiver:
-    """Receives for an engine living in this process. `engine.state_dict()` gives the
+    """Receives for an engine living in this process. `engine.weight_manifest()` gives the
     weights the engine holds, by HF name (what a sync's manifest is checked against)."""
 
     weight_receivers = 1
@@ -34,9 +53,8 @@ class HostReceiver:
     def receive_weights(self) -> tuple[int, int]:
         if self.group is None:
             raise RuntimeError("receive_weights before join_weight_group")
-        expected = {name: (tuple(t.shape), dtype_name(t.dtype))
-                    for name, t in self.engine.state_dict().items()}
-        return receive_weights(self.group, self.engine.update_weights, expected)
+        return receive_weights(self.group, self.engine.update_weights,
+                               self.engine.weight_manifest())
 
 
 def receiver_for(engine, timeout_s: float = DEFAULT_TIMEOUT_S):

@@ -72,6 +72,7 @@ class SGLangEngine:
         import sglang
 
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.model_path, self.dtype = str(model_path), dtype
         self.engine = sglang.Engine(**engine_args(model_path, tp, dtype, gpu_memory_utilization,
                                                   deterministic, engine_kwargs))
         self._asleep = False
@@ -112,6 +113,13 @@ class SGLangEngine:
                 named_tensors=bucket, flush_cache=True))
         finally:
             check_answer("end_weight_update", self.engine.end_weight_update())
+
+    def weight_manifest(self) -> dict:
+        """name -> (shape, dtype name) of the weights a sync must send: the checkpoint's
+        tensors, in the dtype the engine runs (it casts what it loads)."""
+        from gad_megatron.rollout.receiver import checkpoint_manifest
+
+        return checkpoint_manifest(self.model_path, self.dtype)
 
     def sleep(self) -> None:
         # Frees weights and KV cache memory (torch_memory_saver); the weights are backed up

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 KEEP_WEIGHTS_ENV = "GAD_VLLM_KEEP_WEIGHTS"
 
@@ -44,24 +43,6 @@ if os.environ.get(KEEP_WEIGHTS_ENV) == "1":
     _keep_cpu_linear_weights()
 
 
-def checkpoint_manifest(model_dir: str, dtype: str) -> dict:
-    """name -> (shape, dtype name) of every tensor in `model_dir`'s safetensors files: the
-    HF-named weights the engine serves, as a sync must send them. `dtype`: the dtype the
-    engine runs in (vLLM casts what it loads to it, so a sync must send that dtype)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors file to read the weights' "
-                                f"names and shapes from")
-    expected = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                expected[name] = (tuple(f.get_slice(name).get_shape()), dtype)
-    return expected
-
-
 class WeightSyncExtension:
     """Mixed into vLLM's Worker class: `self` is the worker (model_runner, model_config,
     rank are vLLM's)."""
@@ -80,6 +61,7 @@ class WeightSyncExtension:
         """Take one sync from the group's rank 0 into the model: {"buckets", "bytes"}, or
         {"refused": why} when the manifest did not fit (nothing was loaded then)."""
         from gad_megatron.resharding.broadcast import dtype_name, receive_weights
+        from gad_megatron.rollout.receiver import checkpoint_manifest
 
         if getattr(self, "_gad_expected", None) is None:
             self._gad_expected = checkpoint_manifest(self.model_config.model,
