@@ -2,6 +2,10 @@
 
     python slurm/memory_estimate.py            # the tables of docs/cluster.md
 
+Disaggregated layouts (each role on GPUs of its own), and colocated ones (`run.colocate=true`:
+every role on every GPU, each resident only during its own phase, `run.offload_when_colocated`;
+the engine asleep at level 1 while the trainer runs).
+
 Arithmetic only (no torch): the figures docs/cluster.md quotes, reproducible. Assumptions
 (those of this project's Megatron setup on GPU):
 - bf16 parameters (2 B), gradients in an fp32 buffer (Megatron's grad_reduce_in_fp32, 4 B),
@@ -131,6 +135,48 @@ def table(model: Model, nodes: int, tokens: int = 4096) -> list[str]:
     return rows
 
 
+COLOCATED = {  # (model, nodes): (tp of the Megatron roles, engine tp, engine memory share)
+    (QWEN_7B, 1): (2, 2, 0.5),
+    (QWEN_14B, 1): (4, 4, 0.5),
+    (QWEN_14B, 2): (4, 4, 0.5),
+}
+
+
+def colocated_phases(model: Model, nodes: int, tokens: int = 4096) -> dict[str, float]:
+    """Bytes per GPU resident in each phase of a colocated gad step (every role on all
+    8 x nodes GPUs at TP `tp`, DP = GPUs / tp, distributed optimizer). A role's state comes
+    back whole when it is called (models/offload.py moves storages, not parts of them), so
+    the weight sync holds the actor's full state plus the awake engine."""
+    tp, engine_tp, util = COLOCATED[(model, nodes)]
+    dp = 8 * nodes // tp
+    actor = trained(model, tp, 1, dp, tokens, lm_head=True)
+    disc = trained(model, tp, 1, dp, tokens, lm_head=False)
+    ref = frozen(model, tp, tokens)
+    engine_total = util * GPU_GB * GB
+    static = lambda parts: parts["params"] + parts["grads"] + parts["adam"]  # noqa: E731
+    return {
+        "rollout (engine awake)": engine_total,
+        "reference log-probs": ref["params"] + ref["logits"],
+        "discriminator update": sum(disc.values()),
+        "actor update": sum(actor.values()),
+        "weight sync (actor + engine)": static(actor) + engine_total,
+    }
+
+
+def colocated_table(model: Model, nodes: int, tokens: int = 4096) -> list[str]:
+    tp, engine_tp, util = COLOCATED[(model, nodes)]
+    rows = [f"{model.name} colocated on {nodes} node(s) ({8 * nodes} GPUs): Megatron roles "
+            f"TP{tp} DP{8 * nodes // tp}, engine TP{engine_tp} at "
+            f"gpu_memory_utilization {util}; GB per GPU by phase"]
+    phases = colocated_phases(model, nodes, tokens)
+    for phase, nbytes in phases.items():
+        verdict = "fits" if nbytes / GB + OVERHEAD_GB <= GPU_GB else "DOES NOT FIT"
+        rows.append(f"{phase:30} {nbytes / GB:7.1f}  {verdict}")
+    peak = max(phases.values()) / GB
+    rows.append(f"{'peak':30} {peak:7.1f}  (host memory holds the rest: see the docstring)")
+    return rows
+
+
 def main() -> None:
     for m in (QWEN_7B, QWEN_14B):
         print(f"{m.name}: {m.params() / 1e9:.2f}B parameters "
@@ -138,6 +184,9 @@ def main() -> None:
     for model, nodes in LAYOUTS:
         print()
         print("\n".join(table(model, nodes)))
+    for model, nodes in COLOCATED:
+        print()
+        print("\n".join(colocated_table(model, nodes)))
 
 
 if __name__ == "__main__":

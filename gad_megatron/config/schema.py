@@ -283,6 +283,11 @@ class RunConfig:
     """Place one GPU per rank (True on GPU clusters)."""
     colocate: bool = False
     """Actor, discriminator and reference share the same devices (else disaggregated)."""
+    offload_when_colocated: bool = True
+    """Colocated runs: each Megatron role holds its weights, gradients and optimizer state
+    on the devices only during its own calls, and in host memory between them (as verl and
+    slime offload). Off: every role stays resident (only for models far smaller than the
+    devices)."""
     worker_timeout_s: float = 600.0
     """A remote call not answered within this time fails the job, naming role and rank."""
 

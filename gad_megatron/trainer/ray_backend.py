@@ -252,7 +252,7 @@ def start_ray_roles(cfg: GADConfig, inputs: RunInputs, total_steps: int) -> Role
     def group(role, cls, par, args):
         g = RayWorkerGroup(role, cls, par.world_size, args, plan.role(role), timeout, pg=shared)
         groups.append(g)
-        return Role(role, g, par)
+        return Role(role, g, par, offload=cfg.run.colocate and cfg.run.offload_when_colocated)
 
     def release_shared() -> None:
         if shared is not None:

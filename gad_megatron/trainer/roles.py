@@ -8,6 +8,7 @@ process: GPU runs without Ray, and single-rank tests).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,14 +69,27 @@ def split_groups(seqs: Sequences, dp: int) -> list[list[int]]:
 
 
 class Role:
-    """Fan-out calls over one role's ranks."""
+    """Fan-out calls over one role's ranks. With `offload` (colocated runs) the role holds
+    its device memory only during a call: every call is wrapped in reload ... offload."""
 
-    def __init__(self, name: str, group: Group, parallel: ParallelConfig):
-        self.name, self.group, self.par = name, group, parallel
+    def __init__(self, name: str, group: Group, parallel: ParallelConfig,
+                 offload: bool = False):
+        self.name, self.group, self.par, self.offload = name, group, parallel, offload
         self.coords = [rank_coords(r, parallel) for r in range(parallel.world_size)]
+        if offload:
+            self.group.call("offload")  # the next role to start needs the memory
+
+    @contextmanager
+    def _resident(self):
+        if self.offload:
+            self.group.call("reload")
+        yield
+        if self.offload:  # not after a failure: the run is ending, nothing to give back to
+            self.group.call("offload")
 
     def call_all(self, method: str, *args) -> list:
-        return self.group.call(method, *args)
+        with self._resident():
+            return self.group.call(method, *args)
 
     def _outputs(self, results: list) -> list:
         """Per-replica results, in DP order, from each replica's output rank."""
@@ -88,7 +102,8 @@ class Role:
         results back into the original order."""
         shards = split_groups(seqs, self.par.dp)
         per_rank = [(seqs.take(shards[dp]),) + args for dp, _, _ in self.coords]
-        outs = self._outputs(self.group.call_per_rank(method, per_rank))
+        with self._resident():
+            outs = self._outputs(self.group.call_per_rank(method, per_rank))
         merged: list[Any] = [None] * len(seqs)
         for shard, out in zip(shards, outs):
             for i, value in zip(shard, out):
@@ -99,7 +114,8 @@ class Role:
         """Run a training step; sum metric shares over replicas (global ones taken once)."""
         shards = split_groups(seqs, self.par.dp)
         per_rank = [(seqs.take(shards[dp]),) + args for dp, _, _ in self.coords]
-        outs = self._outputs(self.group.call_per_rank(method, per_rank))
+        with self._resident():
+            outs = self._outputs(self.group.call_per_rank(method, per_rank))
         merged: dict[str, float] = {}
         for out in outs:
             for k, v in out.items():

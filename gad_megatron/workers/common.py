@@ -97,3 +97,27 @@ def check_finite_weights(model, role: str) -> None:
 def pid() -> int:
     """This worker's process id (tests kill workers by pid)."""
     return os.getpid()
+
+
+class Residency:
+    """A role's device memory, given back between its calls in colocated runs
+    (models/offload.py): `offload` keeps a host copy of every storage, `reload` puts it
+    back. Each is a no-op when already done, so a repeated call is harmless."""
+
+    def __init__(self):
+        self.copy = None
+
+    def offload(self, model, optimizer=None) -> int:
+        """Free the device memory of `model` (and `optimizer`); returns the bytes moved."""
+        from gad_megatron.models.offload import offload, training_tensors
+
+        if self.copy is None:
+            self.copy = offload(training_tensors(model, optimizer))
+        return self.copy.nbytes
+
+    def reload(self) -> None:
+        from gad_megatron.models.offload import reload
+
+        if self.copy is not None:
+            reload(self.copy)
+            self.copy = None

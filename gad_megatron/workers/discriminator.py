@@ -38,9 +38,17 @@ class DiscriminatorWorker:
         common.load_into(model, source, skip=(HEAD_PREFIX,))
         self.model, self.optimizer, self.scheduler = wrap_for_training(
             model, cfg.optim, total_steps=total_steps, perf=cfg.perf)
+        self.residency = common.Residency()
 
     def pid(self) -> int:
         return common.pid()
+
+    def offload(self) -> int:
+        """Weights, gradients and optimizer state to host memory (colocated runs)."""
+        return self.residency.offload(self.model, self.optimizer)
+
+    def reload(self) -> None:
+        self.residency.reload()
 
     def _prepare(self, seqs: Sequences) -> Sequences:
         return seqs if self.cfg.score_eos else strip_trailing_eos(seqs, self.eos_id)

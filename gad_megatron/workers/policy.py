@@ -86,9 +86,17 @@ class ActorWorker:
         self.model, self.optimizer, self.scheduler = wrap_for_training(
             self.policy.model, cfg.optim, total_steps=total_steps, perf=cfg.perf)
         self.policy.model = self.model  # forward through the DDP wrapper from now on
+        self.residency = common.Residency()
 
     def pid(self) -> int:
         return common.pid()
+
+    def offload(self) -> int:
+        """Weights, gradients and optimizer state to host memory (colocated runs)."""
+        return self.residency.offload(self.model, self.optimizer)
+
+    def reload(self) -> None:
+        self.residency.reload()
 
     def logprobs(self, seqs: Sequences, temperature: float = 1.0):
         return self.policy.logprobs(seqs, temperature)
@@ -218,9 +226,17 @@ class ReferenceWorker:
                                   cfg.perf)
         for p in self.policy.model.parameters():
             p.requires_grad_(False)
+        self.residency = common.Residency()
 
     def pid(self) -> int:
         return common.pid()
+
+    def offload(self) -> int:
+        """Weights to host memory (colocated runs)."""
+        return self.residency.offload(self.policy.model)
+
+    def reload(self) -> None:
+        self.residency.reload()
 
     def logprobs(self, seqs: Sequences, temperature: float = 1.0):
         return self.policy.logprobs(seqs, temperature)
