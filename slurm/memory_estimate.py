@@ -145,21 +145,20 @@ COLOCATED = {  # (model, nodes): (tp of the Megatron roles, engine tp, engine me
 def colocated_phases(model: Model, nodes: int, tokens: int = 4096) -> dict[str, float]:
     """Bytes per GPU resident in each phase of a colocated gad step (every role on all
     8 x nodes GPUs at TP `tp`, DP = GPUs / tp, distributed optimizer). A role's state comes
-    back whole when it is called (models/offload.py moves storages, not parts of them), so
-    the weight sync holds the actor's full state plus the awake engine."""
+    back when it is called; for the weight sync only the actor's weights come back
+    (`Role.call_with_weights`), beside the awake engine."""
     tp, engine_tp, util = COLOCATED[(model, nodes)]
     dp = 8 * nodes // tp
     actor = trained(model, tp, 1, dp, tokens, lm_head=True)
     disc = trained(model, tp, 1, dp, tokens, lm_head=False)
     ref = frozen(model, tp, tokens)
     engine_total = util * GPU_GB * GB
-    static = lambda parts: parts["params"] + parts["grads"] + parts["adam"]  # noqa: E731
     return {
         "rollout (engine awake)": engine_total,
         "reference log-probs": ref["params"] + ref["logits"],
         "discriminator update": sum(disc.values()),
         "actor update": sum(actor.values()),
-        "weight sync (actor + engine)": static(actor) + engine_total,
+        "weight sync (actor + engine)": actor["params"] + engine_total,
     }
 
 

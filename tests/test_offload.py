@@ -63,10 +63,30 @@ def test_steps_with_offload_between_calls_equal_steps_without(tmp_path):
     does. Three SFT steps later their metrics and weights are identical."""
     kept, moved = _roles(tmp_path, "kept"), _roles(tmp_path, "moved")
     offloading = Role("actor", moved.actor.group, moved.actor.par, offload=True)
-    assert moved.actor.group.worker.residency.copy is not None  # offloaded from the start
+    assert moved.actor.group.worker.residency.offloaded  # offloaded from the start
     for _ in range(3):
         assert kept.actor.train("sft_step", SEQS, 7) == offloading.train("sft_step", SEQS, 7)
-        assert moved.actor.group.worker.residency.copy is not None  # given back after each
+        assert moved.actor.group.worker.residency.offloaded  # given back after each
     offloading.group.call("reload")
     for x, y in zip(_snapshot(kept.actor.group.worker), _snapshot(moved.actor.group.worker)):
         assert torch.equal(x, y)
+
+
+def test_a_weight_sync_brings_back_the_weights_alone(tmp_path):
+    """reload(weights_only=True): parameters back (bitwise), gradients and Adam still on
+    the host; the next full reload restores those too, and training goes on unchanged."""
+    roles = _roles(tmp_path, "weights")
+    actor = roles.actor.group.worker
+    roles.actor.train("sft_step", SEQS, 7)
+    from gad_megatron.models.offload import state_tensors, weight_tensors
+
+    weights = [t.clone() for t in weight_tensors(actor.model)]
+    state = [t.clone() for t in state_tensors(actor.model, actor.optimizer)]
+    actor.offload()
+    actor.reload(weights_only=True)
+    assert all(torch.equal(x, y) for x, y in zip(weights, weight_tensors(actor.model)))
+    grads = [b.grad_data for b in actor.model.__dict__["buffers"]]
+    assert all(g.untyped_storage().nbytes() == 0 for g in grads)
+    actor.offload()  # the weights go again; the state was never back
+    actor.reload()
+    assert all(torch.equal(x, y) for x, y in zip(state, state_tensors(actor.model, actor.optimizer)))

@@ -76,24 +76,30 @@ def reload(copy: HostCopy) -> None:
         _bytes_view(storage).copy_(host)
 
 
-def training_tensors(model, optimizer=None) -> list[torch.Tensor]:
-    """Everything a role keeps between its calls: the model's parameters and buffers; for a
-    trained role also the DDP buffers (gradients and, with the distributed optimizer,
-    parameters), the tensors Adam updates (the parameters, or their fp32 master copies) and
+def weight_tensors(model) -> list[torch.Tensor]:
+    """What a forward pass or a weight export reads: the model's parameters and buffers
+    (with the distributed optimizer the parameters are views into DDP's `param_data`)."""
+    params = [p.data for p in model.parameters()] + [b for _, b in model.named_buffers()]
+    return params + [b.param_data for b in _ddp_list(model) if b.param_data is not None]
+
+
+def state_tensors(model, optimizer) -> list[torch.Tensor]:
+    """What only a training step needs besides the weights: DDP's gradient buffers, the
+    tensors Adam updates (the parameters themselves, or their fp32 master copies) and
     Adam's state."""
-    tensors = [p.data for p in model.parameters()] + [b for _, b in model.named_buffers()]
-    return tensors + _ddp_buffers(model) + (_optimizer_tensors(optimizer) if optimizer else [])
+    return [b.grad_data for b in _ddp_list(model)] + _optimizer_tensors(optimizer)
 
 
-def _ddp_buffers(model) -> list[torch.Tensor]:
+def training_tensors(model, optimizer=None) -> list[torch.Tensor]:
+    """Everything a role keeps between its calls."""
+    return weight_tensors(model) + (state_tensors(model, optimizer) if optimizer else [])
+
+
+def _ddp_list(model) -> list:
     """Megatron DDP's contiguous buffers. Its instance attribute `buffers` (a list) hides
     nn.Module's `buffers()` method, hence the look-up in `__dict__`."""
-    out = []
-    for attr in ("buffers", "expert_parallel_buffers"):
-        for b in model.__dict__.get(attr) or []:
-            out += [t for t in (getattr(b, "param_data", None), getattr(b, "grad_data", None))
-                    if t is not None]
-    return out
+    return [b for attr in ("buffers", "expert_parallel_buffers")
+            for b in model.__dict__.get(attr) or []]
 
 
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:

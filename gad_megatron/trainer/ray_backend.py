@@ -161,7 +161,7 @@ class RayRollout:
             self._join(actor)
         receiving = self.handle.receive_weights.remote()
         try:
-            actor.call_all("sync_weights_to_group", self.bucket_bytes)  # raises if refused
+            actor.call_with_weights("sync_weights_to_group", self.bucket_bytes)  # raises if refused
         except Exception:
             self._engine_failure(receiving)  # an engine that died mid-sync is the cause
             raise

@@ -80,15 +80,21 @@ class Role:
             self.group.call("offload")  # the next role to start needs the memory
 
     @contextmanager
-    def _resident(self):
+    def _resident(self, weights_only: bool = False):
         if self.offload:
-            self.group.call("reload")
+            self.group.call("reload", weights_only)
         yield
         if self.offload:  # not after a failure: the run is ending, nothing to give back to
             self.group.call("offload")
 
     def call_all(self, method: str, *args) -> list:
         with self._resident():
+            return self.group.call(method, *args)
+
+    def call_with_weights(self, method: str, *args) -> list:
+        """`call_all` for a call that reads only the weights (a weight sync): an offloaded
+        role brings back its weights, not its gradients and optimizer state."""
+        with self._resident(weights_only=True):
             return self.group.call(method, *args)
 
     def _outputs(self, results: list) -> list:

@@ -101,23 +101,36 @@ def pid() -> int:
 
 class Residency:
     """A role's device memory, given back between its calls in colocated runs
-    (models/offload.py): `offload` keeps a host copy of every storage, `reload` puts it
-    back. Each is a no-op when already done, so a repeated call is harmless."""
+    (models/offload.py). Two parts: the weights (all a forward pass or an export reads) and
+    the training state (gradients, Adam). `reload(weights_only=True)` brings back the
+    weights alone, for a weight sync; a later full reload brings the rest. Every call is a
+    no-op for a part already where it is asked to be."""
 
     def __init__(self):
-        self.copy = None
+        self.weights = self.state = None
+
+    @property
+    def offloaded(self) -> bool:
+        return self.weights is not None or self.state is not None
 
     def offload(self, model, optimizer=None) -> int:
         """Free the device memory of `model` (and `optimizer`); returns the bytes moved."""
-        from gad_megatron.models.offload import offload, training_tensors
+        from gad_megatron.models.offload import offload, state_tensors, weight_tensors
 
-        if self.copy is None:
-            self.copy = offload(training_tensors(model, optimizer))
-        return self.copy.nbytes
+        if self.weights is None:
+            self.weights = offload(weight_tensors(model))
+        if self.state is None and optimizer is not None:
+            # A storage shared with the weights (fp32 Adam updates the parameters in place)
+            # is empty by now, and offload skips empty storages: it moves once, with them.
+            self.state = offload(state_tensors(model, optimizer))
+        return self.weights.nbytes + (self.state.nbytes if self.state else 0)
 
-    def reload(self) -> None:
+    def reload(self, weights_only: bool = False) -> None:
         from gad_megatron.models.offload import reload
 
-        if self.copy is not None:
-            reload(self.copy)
-            self.copy = None
+        if self.weights is not None:
+            reload(self.weights)
+            self.weights = None
+        if self.state is not None and not weights_only:
+            reload(self.state)
+            self.state = None

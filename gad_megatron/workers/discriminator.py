@@ -47,8 +47,8 @@ class DiscriminatorWorker:
         """Weights, gradients and optimizer state to host memory (colocated runs)."""
         return self.residency.offload(self.model, self.optimizer)
 
-    def reload(self) -> None:
-        self.residency.reload()
+    def reload(self, weights_only: bool = False) -> None:
+        self.residency.reload(weights_only)
 
     def _prepare(self, seqs: Sequences) -> Sequences:
         return seqs if self.cfg.score_eos else strip_trailing_eos(seqs, self.eos_id)

@@ -95,8 +95,8 @@ class ActorWorker:
         """Weights, gradients and optimizer state to host memory (colocated runs)."""
         return self.residency.offload(self.model, self.optimizer)
 
-    def reload(self) -> None:
-        self.residency.reload()
+    def reload(self, weights_only: bool = False) -> None:
+        self.residency.reload(weights_only)
 
     def logprobs(self, seqs: Sequences, temperature: float = 1.0):
         return self.policy.logprobs(seqs, temperature)
@@ -235,8 +235,8 @@ class ReferenceWorker:
         """Weights to host memory (colocated runs)."""
         return self.residency.offload(self.policy.model)
 
-    def reload(self) -> None:
-        self.residency.reload()
+    def reload(self, weights_only: bool = False) -> None:
+        self.residency.reload(weights_only)
 
     def logprobs(self, seqs: Sequences, temperature: float = 1.0):
         return self.policy.logprobs(seqs, temperature)
