@@ -133,3 +133,15 @@ def test_rotary_buffers_recomputed(tmp_path, family):
     rope.original_inv_freq.zero_()
     _reset_rotary_buffers(e.model)
     assert torch.equal(rope.inv_freq, want) and torch.equal(rope.original_inv_freq, want)
+
+
+def test_a_tied_model_asks_a_sync_for_its_embedding_once(tmp_path):
+    """The trainer's export leaves a tied LM head out; the engine must not ask for it."""
+    from gad_megatron.rollout.hf_engine import HFEngine
+    from tests.tiny_models import make_hf_model
+
+    tied = HFEngine.from_pretrained(make_hf_model("qwen2", tmp_path / "t", tie_word_embeddings=True),
+                                    eos_id=2, pad_id=0)
+    manifest = tied.weight_manifest()
+    assert "lm_head.weight" not in manifest and "model.embed_tokens.weight" in manifest
+    assert "lm_head.weight" in tied.state_dict()  # still readable under both names

@@ -188,3 +188,19 @@ def test_a_weight_group_sync_the_engine_cannot_take_is_refused_before_any_weight
                "[96, 32]" in side["refused"]
     for name, tensor in receiver["before"].items():
         assert torch.equal(receiver["engine"][name], tensor), name
+
+
+def test_a_tied_model_syncs_over_a_weight_group(tmp_path):
+    """A tied LM head is the embedding: the export sends it once, the engine asks for it once,
+    and after the sync its head equals the new embedding."""
+    from gad_megatron.parallel.launch import free_port
+
+    model_dir = make_hf_model("qwen2", tmp_path / "tied", tie_word_embeddings=True)
+    sender, receiver = run_parallel(broadcast_rank, dp=2,
+                                    args=(model_dir, free_port(), model_dir))
+    assert "refused" not in sender and "refused" not in receiver, sender.get("refused")
+    exported, engine = sender["exported"], receiver["engine"]
+    assert "lm_head.weight" not in exported
+    for name, tensor in exported.items():
+        assert torch.equal(engine[name], tensor), name
+    assert torch.equal(engine["lm_head.weight"], exported["model.embed_tokens.weight"])

@@ -189,9 +189,11 @@ class HFEngine:
         return {k: v.detach() for k, v in self._params.items()}
 
     def weight_manifest(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape, dtype name) of the weights a sync must send."""
+        """name -> (shape, dtype name) of the weights a sync must send: each tensor once, so
+        a tied LM head (the embedding under a second name) is not asked for, as the
+        trainer's export does not send it."""
         return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                for k, v in self._params.items()}
+                for k, v in self.model.named_parameters()}
 
     # ------------------------------------------------------------------ memory
 

@@ -1,9 +1,10 @@
 """The engine end of a weight group, whatever the engine.
 
-vLLM and SGLang receive in their own worker processes (`join_weight_group` /
-`receive_weights` on their adapters). An engine without processes of its own (hf) receives
-here: the process holding it joins the group as one rank and loads each bucket with the
-engine's `update_weights`. Either way the trainer's side is the same `GroupTransport`, so no
+vLLM receives in its own worker processes (`join_weight_group` / `receive_weights` on its
+adapter). The other engines receive here: the process holding the engine joins the group as
+one rank and loads each bucket with the engine's `update_weights` (hf has no processes of its
+own; SGLang's distributed update API wants its manifest out of band, which this protocol
+does not do yet, so it loads through `update_weights_from_tensor`). Either way the trainer's side is the same `GroupTransport`, so no
 weight ever travels through Ray's object store or an engine's RPC serialiser.
 """
 
