@@ -197,3 +197,19 @@ def test_sglang_receives_on_its_host_checked_against_its_checkpoint(sglang, tmp_
     manifest = engine.weight_manifest()
     assert manifest["model.layers.0.mlp.gate_proj.weight"] == ((64, 32), "bfloat16")
     assert len(manifest) == 2 + 2 * 11 + 1  # embed, norm, lm_head; 11 tensors a layer
+
+
+def test_a_checkpoint_that_stores_a_tied_head_anyway_is_not_asked_for_it(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from gad_megatron.rollout.receiver import checkpoint_manifest
+
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    assert checkpoint_manifest(str(tmp_path), "float32") == {
+        "model.embed_tokens.weight": ((4, 2), "float32")}
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    assert "lm_head.weight" in checkpoint_manifest(str(tmp_path), "float32")

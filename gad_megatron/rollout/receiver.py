@@ -10,6 +10,7 @@ weight ever travels through Ray's object store or an engine's RPC serialiser.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,10 @@ def checkpoint_manifest(model_dir: str, dtype: str) -> dict:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 expected[name] = (tuple(f.get_slice(name).get_shape()), dtype)
+    config = Path(model_dir) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings"):
+        # Some writers store the tied copy anyway; the trainer's export never sends it.
+        expected.pop("lm_head.weight", None)
     return expected
 
 
