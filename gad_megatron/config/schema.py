@@ -322,8 +322,8 @@ class GADConfig:
         package = ENGINE_PACKAGES[self.rollout.engine]
         if importlib.util.find_spec(package) is None:
             raise ValueError(f"rollout.engine={self.rollout.engine!r} needs the '{package}' "
-                             f"package, which is not installed (on CPU: make setup-vllm; on GPU machines: make setup-gpu "
-                             f"ENGINE={package})")
+                             f"package, which is not installed (on CPU: make setup-vllm; on "
+                             f"GPU machines: make setup-gpu ENGINE={package})")
 
 
 def _one_of(name: str, value, allowed) -> None:

@@ -15,7 +15,9 @@ engine loads full HF tensors and cuts its own TP shards. Messages, in order:
 Tensors travel one broadcast each, not packed into a flat buffer: no copy is made on either
 side, so the extra memory stays one bucket (the price is one collective per tensor; NeMo-RL
 and slime pack to cut launches, which a later change can do once GPU timings show it pays).
-SGLang's `update_weights_from_distributed` receives the same per-tensor broadcasts.
+SGLang's `update_weights_from_distributed` cannot take part as it is: it expects bare tensor
+broadcasts, with the manifest given to it out of band, so SGLang receives through the
+process that holds it (rollout/receiver.py).
 """
 
 from __future__ import annotations
@@ -25,15 +27,11 @@ from typing import Callable, Iterable
 import torch
 
 from gad_megatron.resharding.execute import SyncMismatch
-from gad_megatron.resharding.transport import Bucket
+from gad_megatron.resharding.transport import Bucket, dtype_name
 from gad_megatron.resharding.weight_group import WeightGroup
 
 Manifest = list  # [[name, [shape...], dtype name], ...]
 Expected = dict  # name -> (shape tuple, dtype name): what an engine holds
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def to_dtype(name: str) -> torch.dtype:

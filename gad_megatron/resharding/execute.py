@@ -24,6 +24,7 @@ import torch
 from gad_megatron.checkpoint.hf_io import export_hf_tensors
 from gad_megatron.models.hf_config import HFArch
 from gad_megatron.resharding.plan import closes_before, param_metas
+from gad_megatron.resharding.transport import dtype_name
 
 
 class SyncMismatch(RuntimeError):
@@ -127,7 +128,7 @@ def sync_weights(model, arch: HFArch, transport, bucket_bytes: int) -> SyncStats
     seen: set[str] = set()
     bucketer = None
     if sender:
-        dtype = str(_first_param(model).dtype).removeprefix("torch.")
+        dtype = dtype_name(_first_param(model).dtype)
         transport.begin([[n, list(s), dtype] for n, s in expected.items()])
         bucketer = _Bucketer(transport, bucket_bytes, stats)
     for name, tensor in export_hf_tensors(model, arch):

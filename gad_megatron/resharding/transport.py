@@ -22,6 +22,11 @@ import torch
 Bucket = list[tuple[str, torch.Tensor]]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as manifests name it: 'bfloat16', not 'torch.bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
 class Transport(Protocol):
     def begin(self, manifest: list) -> None:
         """The whole sync's [name, shape, dtype] list, before any bucket: a transport whose

@@ -46,7 +46,7 @@ class WeightGroup:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight group: backend must be gloo or nccl, got {backend!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.addr, self.port, self.world, self.rank, self.backend = addr, port, world, rank, backend
+        self.world, self.rank = world, rank
         self.store = _store(addr, port, world, rank, timeout)
         prefixed = dist.PrefixStore("gad-weight-sync/", self.store)
         if backend == "gloo":
@@ -78,8 +78,3 @@ class WeightGroup:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
         data = self.broadcast(payload.to(self.device), src).cpu()
         return json.loads(bytes(data.numpy()).decode())
-
-    def close(self) -> None:
-        """Drop the group (the store's socket closes with it)."""
-        self.pg = None
-        self.store = None

@@ -192,8 +192,9 @@ class HFEngine:
         """name -> (shape, dtype name) of the weights a sync must send: each tensor once, so
         a tied LM head (the embedding under a second name) is not asked for, as the
         trainer's export does not send it."""
-        return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                for k, v in self.model.named_parameters()}
+        from gad_megatron.resharding.transport import dtype_name
+
+        return {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in self.model.named_parameters()}
 
     # ------------------------------------------------------------------ memory
 

@@ -4,8 +4,9 @@ vLLM receives in its own worker processes (`join_weight_group` / `receive_weight
 adapter). The other engines receive here: the process holding the engine joins the group as
 one rank and loads each bucket with the engine's `update_weights` (hf has no processes of its
 own; SGLang's distributed update API wants its manifest out of band, which this protocol
-does not do yet, so it loads through `update_weights_from_tensor`). Either way the trainer's side is the same `GroupTransport`, so no
-weight ever travels through Ray's object store or an engine's RPC serialiser.
+does not do yet, so it loads through `update_weights_from_tensor`). Either way the trainer's
+side is the same `GroupTransport`, so no weight ever travels through Ray's object store or an
+engine's RPC serialiser.
 """
 
 from __future__ import annotations
@@ -63,18 +64,16 @@ class HostReceiver:
                                self.engine.weight_manifest())
 
 
-def receiver_for(engine, timeout_s: float = DEFAULT_TIMEOUT_S):
-    """The object that joins weight groups for `engine`: itself when it receives in its own
-    processes, else a HostReceiver around it."""
-    if hasattr(engine, "receive_weights"):
-        return engine
-    return HostReceiver(engine, timeout_s)
-
-
 def has_own_receivers(engine) -> bool:
     """Whether `engine` receives weights in processes of its own (vLLM's workers), so that
     even a sender in the engine's own process must broadcast to them."""
     return hasattr(engine, "receive_weights")
+
+
+def receiver_for(engine, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """The object that joins weight groups for `engine`: itself when it receives in its own
+    processes, else a HostReceiver around it."""
+    return engine if has_own_receivers(engine) else HostReceiver(engine, timeout_s)
 
 
 class Background:

@@ -60,7 +60,8 @@ class WeightSyncExtension:
     def gad_receive_weights(self) -> dict:
         """Take one sync from the group's rank 0 into the model: {"buckets", "bytes"}, or
         {"refused": why} when the manifest did not fit (nothing was loaded then)."""
-        from gad_megatron.resharding.broadcast import dtype_name, receive_weights
+        from gad_megatron.resharding.broadcast import receive_weights
+        from gad_megatron.resharding.transport import dtype_name
         from gad_megatron.rollout.receiver import checkpoint_manifest
 
         if getattr(self, "_gad_expected", None) is None:
@@ -87,20 +88,16 @@ class WeightSyncExtension:
             return {"refused": str(err)}
         return {"buckets": buckets, "bytes": nbytes}
 
-    def gad_close_weight_group(self) -> None:
-        group = getattr(self, "_gad_group", None)
-        if group is not None:
-            group.close()
-            self._gad_group = None
-
     def gad_read_weights(self) -> str:
         """This worker's parameters as vLLM holds them (fused, TP-sharded), JSON of
         name -> [dtype, shape, hex bytes]: for tests that compare them bitwise."""
         import torch
 
+        from gad_megatron.resharding.transport import dtype_name
+
         out = {}
         for name, p in self.model_runner.model.named_parameters():
             t = p.detach().cpu().contiguous()
-            out[name] = [str(t.dtype).removeprefix("torch."), list(t.shape),
+            out[name] = [dtype_name(t.dtype), list(t.shape),
                          t.reshape(-1).view(torch.uint8).numpy().tobytes().hex()]
         return json.dumps(out)

@@ -161,7 +161,8 @@ class RayRollout:
             self._join(actor)
         receiving = self.handle.receive_weights.remote()
         try:
-            actor.call_with_weights("sync_weights_to_group", self.bucket_bytes)  # raises if refused
+            # Raises, naming the tensor, when the engine refuses the manifest.
+            actor.call_with_weights("sync_weights_to_group", self.bucket_bytes)
         except Exception:
             self._engine_failure(receiving)  # an engine that died mid-sync is the cause
             raise
