@@ -112,7 +112,14 @@ def layer_spec(arch: HFArch, use_te: bool):
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    from gad_megatron.models.packed_attention import PackedDotProductAttention
+
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    # The local core attention also takes THD-packed micro-batches (packed_attention.py).
+    # Swapped in the spec (this Megatron calls the class it names); core attention holds no
+    # parameter, so checkpoints and names are unchanged.
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def _llama3_inv_freq(arch: HFArch, rotary) -> torch.Tensor:

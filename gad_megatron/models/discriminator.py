@@ -75,7 +75,7 @@ def score_micro_batches(model, micro_batches) -> list[torch.Tensor]:
     """Sequence scores [B] per micro-batch (right-padded), on the last pipeline stage."""
     from gad_megatron.models.forward import run_schedule
 
-    return run_schedule(model, micro_batches, lambda out, mb: last_valid_scores(out, mb.valid))
+    return run_schedule(model, micro_batches, lambda out, mb: last_valid_scores(mb.rows(out), mb.valid))
 
 
 def load_student_weights(model, arch: HFArch, hf_dir) -> None:

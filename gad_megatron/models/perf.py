@@ -44,6 +44,11 @@ class PerfConfig:
     """Fused RoPE kernel; None: on where Transformer Engine is present (CUDA)."""
     grad_accumulation_fusion: bool | None = None
     """Fuse the weight-gradient GEMM with its fp32 accumulation; None: on where TE is present."""
+    packing: bool = True
+    """Pack each micro-batch's sequences end to end (THD, Megatron's `PackedSeqParams`): no
+    padding token enters the model and the token budget counts real tokens. False: right-pad
+    each micro-batch to its longest sequence (the results agree to fp32 rounding;
+    tests/test_packing.py)."""
     allow_local_spec: bool = False
     """On CUDA without Transformer Engine, build with the local (unfused) spec anyway instead
     of refusing (small models, debugging: its attention needs [B, heads/tp, T, T] memory)."""
@@ -96,6 +101,12 @@ def transformer_kwargs(perf: PerfConfig, tp: int, cuda: bool, te_spec: bool) -> 
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=perf.recompute_num_layers)
     return kwargs
+
+
+def pack_align(perf: PerfConfig, tp: int) -> int:
+    """What a packed micro-batch's length must divide by: the TP size under sequence
+    parallelism (the sequence is split over TP ranks), else 1."""
+    return tp if perf.sequence_parallel and tp > 1 else 1
 
 
 def ddp_kwargs(perf: PerfConfig) -> dict:

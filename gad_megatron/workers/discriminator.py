@@ -12,6 +12,7 @@ from gad_megatron.models.builder import BuildOptions
 from gad_megatron.models.discriminator import (
     HEAD_PREFIX, build_discriminator, last_valid_scores)
 from gad_megatron.models.forward import MicroBatch, run_schedule
+from gad_megatron.models.perf import pack_align
 from gad_megatron.workers import common
 from gad_megatron.workers.sequences import Sequences, micro_batches
 
@@ -56,11 +57,11 @@ class DiscriminatorWorker:
     def _batches(self, seqs: Sequences, keep_groups: bool) -> list[MicroBatch]:
         from gad_megatron.parallel.dist import device
 
+        perf = self.cfg.perf
         mbs = micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id,
-                            keep_groups=keep_groups)
-        for mb in mbs:
-            mb.tokens, mb.valid = mb.tokens.to(device()), mb.valid.to(device())
-        return mbs
+                            keep_groups=keep_groups, packed=perf.packing,
+                            align=pack_align(perf, self.cfg.parallel.tp))
+        return [mb.to(device()) for mb in mbs]
 
     @torch.no_grad()
     def scores(self, seqs: Sequences) -> np.ndarray | None:
@@ -131,7 +132,7 @@ def bt_loss(cfg: DiscriminatorConfig, t: torch.Tensor, s: torch.Tensor) -> torch
 
 
 def _row_scores(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-    return last_valid_scores(out, mb.valid)
+    return last_valid_scores(mb.rows(out), mb.valid)
 
 
 def _pairs(rows: torch.Tensor, mb: MicroBatch, seqs: Sequences):

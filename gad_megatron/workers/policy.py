@@ -15,7 +15,7 @@ from gad_megatron.config.schema import ActorConfig, ReferenceConfig
 from gad_megatron.models.builder import BuildOptions, build_gpt
 from gad_megatron.models.forward import MicroBatch, run_schedule
 from gad_megatron.models.logprobs import vocab_parallel_logprobs
-from gad_megatron.models.perf import PerfConfig
+from gad_megatron.models.perf import PerfConfig, pack_align
 from gad_megatron.workers import common
 from gad_megatron.workers.sequences import Sequences, micro_batches, per_sequence
 
@@ -44,6 +44,7 @@ class PolicyModel:
         self.parallel = parallel
         self.budget = micro_batch_tokens
         self.pad_id = pad_id
+        self.perf = perf
         opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False, perf=perf)
         self.model = common.to_device(build_gpt(self.arch, parallel.tp, parallel.pp, opts))
         common.load_into(self.model, source)
@@ -51,18 +52,16 @@ class PolicyModel:
     def batches(self, seqs: Sequences) -> list[MicroBatch]:
         from gad_megatron.parallel.dist import device
 
-        mbs = micro_batches(seqs, self.budget, self.pad_id)
-        dev = device()
-        for mb in mbs:
-            mb.tokens, mb.valid = mb.tokens.to(dev), mb.valid.to(dev)
-            mb.extra["resp_mask"] = mb.extra["resp_mask"].to(dev)
-            mb.extra["targets"] = mb.extra["targets"].to(dev)
-        return mbs
+        mbs = micro_batches(seqs, self.budget, self.pad_id, packed=self.perf.packing,
+                            align=pack_align(self.perf, self.parallel.tp))
+        return [mb.to(device()) for mb in mbs]
 
     def token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float,
                        with_entropy: bool = False):
-        return vocab_parallel_logprobs(logits, mb.extra["targets"], self.arch.vocab_size,
-                                       temperature, with_entropy)
+        """Next-token log-probs (and entropies) in the row layout [N, L] of `mb`."""
+        out = vocab_parallel_logprobs(logits, mb.extra["targets"], self.arch.vocab_size,
+                                      temperature, with_entropy)
+        return tuple(mb.rows(x) for x in out) if with_entropy else mb.rows(out)
 
     @torch.no_grad()
     def logprobs(self, seqs: Sequences, temperature: float = 1.0) -> list[np.ndarray] | None:

@@ -1,9 +1,10 @@
 """Sequences as the workers receive them, and their packing into Megatron micro-batches.
 
 A `Sequences` is what crosses process boundaries (plain lists, cheap to pickle). Workers turn
-it into right-padded `MicroBatch`es under a token budget. Sequence i is `prompt_i + response_i`;
-the model at position t predicts token t+1, so response token k of a sequence is scored at
-position `len(prompt) - 1 + k`.
+it into `MicroBatch`es under a token budget: packed (the default, `perf.packing`: sequences end
+to end, no padding token enters the model) or right-padded. Sequence i is
+`prompt_i + response_i`; the model at position t predicts token t+1, so response token k of a
+sequence is scored at position `len(prompt) - 1 + k` of its row.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gad_megatron.models.forward import MicroBatch
+from gad_megatron.models.forward import MicroBatch, Packing
 
 
 @dataclass
@@ -66,13 +67,19 @@ def prompt_minibatches(seqs: Sequences, prompts: int | None) -> list[Sequences]:
             for k in range(0, len(groups), prompts)]
 
 
-def budget_chunks(lengths: list[int], token_budget: int, groups: list[int] | None = None
-                  ) -> list[list[int]]:
-    """Consecutive index chunks whose padded size (rows * longest row) fits `token_budget`.
+def budget_chunks(lengths: list[int], token_budget: int, groups: list[int] | None = None,
+                  packed: bool = False) -> list[list[int]]:
+    """Consecutive index chunks whose size fits `token_budget`: rows * longest row when
+    padded, the sum of the lengths when `packed`.
 
     With `groups`, a chunk never splits a group (a group larger than the budget gets a chunk
     of its own). Order is preserved, so results map back by concatenation.
     """
+    def size(chunk: list[int]) -> int:
+        if packed:
+            return sum(lengths[j] for j in chunk)
+        return len(chunk) * max(lengths[j] for j in chunk)
+
     units: list[list[int]] = []
     for i in range(len(lengths)):
         if groups is not None and units and groups[units[-1][-1]] == groups[i]:
@@ -83,13 +90,26 @@ def budget_chunks(lengths: list[int], token_budget: int, groups: list[int] | Non
     cur: list[int] = []
     for unit in units:
         cand = cur + unit
-        if cur and len(cand) * max(lengths[j] for j in cand) > token_budget:
+        if cur and size(cand) > token_budget:
             chunks.append(cur)
             cand = list(unit)
         cur = cand
     if cur:
         chunks.append(cur)
     return chunks
+
+
+def _row_masks(seqs: Sequences, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-layout [N, L] masks of sequences `index`: valid tokens, and 'resp_mask' (positions
+    whose *next* token is a response token)."""
+    lengths = [len(seqs.prompts[i]) + len(seqs.responses[i]) for i in index]
+    valid = torch.zeros(len(index), max(lengths), dtype=torch.bool)
+    resp = torch.zeros_like(valid)
+    for row, i in enumerate(index):
+        p, r = len(seqs.prompts[i]), len(seqs.responses[i])
+        valid[row, : p + r] = True
+        resp[row, p - 1: p + r - 1] = True
+    return valid, resp
 
 
 def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int) -> MicroBatch:
@@ -99,25 +119,49 @@ def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int) -> MicroBatch
     - 'targets' [B, T]: the next token at each position (pad at the end);
     - 'index': the sequence index of each row.
     """
-    lengths = [len(seqs.prompts[i]) + len(seqs.responses[i]) for i in index]
-    b, t = len(index), max(lengths)
-    tokens = torch.full((b, t), pad_id, dtype=torch.long)
-    valid = torch.zeros(b, t, dtype=torch.bool)
-    resp = torch.zeros(b, t, dtype=torch.bool)
+    valid, resp = _row_masks(seqs, index)
+    tokens = torch.full(valid.shape, pad_id, dtype=torch.long)
     for row, i in enumerate(index):
-        p, r = seqs.prompts[i], seqs.responses[i]
-        tokens[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        valid[row, : len(p) + len(r)] = True
-        resp[row, len(p) - 1: len(p) + len(r) - 1] = True
+        ids = seqs.prompts[i] + seqs.responses[i]
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     targets = torch.full_like(tokens, pad_id)
     targets[:, :-1] = tokens[:, 1:]
     return MicroBatch(tokens, valid, {"resp_mask": resp, "targets": targets,
                                       "index": list(index)})
 
 
+def to_packed_micro_batch(seqs: Sequences, index: list[int], pad_id: int,
+                          align: int = 1) -> MicroBatch:
+    """Sequences `index` end to end in tokens [1, T], no padding between them; T is rounded up
+    to a multiple of `align` (the TP size under sequence parallelism) by one trailing segment
+    of pad tokens that no row reads. 'targets' [1, T] is the next token within each sequence
+    (pad at each sequence's last position); 'resp_mask' and `valid` are in the row layout, as
+    in `to_micro_batch`, and `packing.gather` maps rows to packed positions."""
+    valid, resp = _row_masks(seqs, index)
+    ids = [seqs.prompts[i] + seqs.responses[i] for i in index]
+    lengths = [len(x) for x in ids]
+    total = sum(lengths)
+    tail = -total % align
+    flat = np.full(total + tail, pad_id, dtype=np.int64)
+    targets = np.full(total + tail, pad_id, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for j, x in enumerate(ids):
+        flat[starts[j]: starts[j + 1]] = x
+        targets[starts[j]: starts[j + 1] - 1] = x[1:]
+    cu = list(starts) + ([total + tail] if tail else [])
+    gather = torch.as_tensor(starts[:-1], dtype=torch.long)[:, None] + torch.arange(valid.shape[1])
+    gather = torch.where(valid, gather, torch.zeros_like(gather))
+    packing = Packing(torch.tensor(cu, dtype=torch.int32), max(max(lengths), tail), gather)
+    return MicroBatch(torch.from_numpy(flat)[None], valid,
+                      {"resp_mask": resp, "targets": torch.from_numpy(targets)[None],
+                       "index": list(index)}, packing)
+
+
 def micro_batches(seqs: Sequences, token_budget: int, pad_id: int,
-                  keep_groups: bool = False) -> list[MicroBatch]:
-    """All of `seqs` as micro-batches, each padded only to its own longest row.
+                  keep_groups: bool = False, packed: bool = False,
+                  align: int = 1) -> list[MicroBatch]:
+    """All of `seqs` as micro-batches: packed (`align`: see `to_packed_micro_batch`), or each
+    padded only to its own longest row.
 
     Also at PP>1: the pipeline exchanges each micro-batch's activation shape first
     (Megatron's `variable_seq_lengths`, set by the builder when pp > 1). Padding every
@@ -126,11 +170,15 @@ def micro_batches(seqs: Sequences, token_budget: int, pad_id: int,
     """
     if len(seqs) == 0:
         return []
-    chunks = budget_chunks(seqs.lengths(), token_budget, seqs.group if keep_groups else None)
+    chunks = budget_chunks(seqs.lengths(), token_budget,
+                           seqs.group if keep_groups else None, packed)
+    if packed:
+        return [to_packed_micro_batch(seqs, c, pad_id, align) for c in chunks]
     return [to_micro_batch(seqs, c, pad_id) for c in chunks]
 
 
 def per_sequence(values: torch.Tensor, mb: MicroBatch) -> list[np.ndarray]:
-    """Split [B, T] position values into per-sequence response arrays."""
+    """Split row-layout [N, L] position values (`MicroBatch.rows`) into per-sequence response
+    arrays."""
     return [values[row][mb.extra["resp_mask"][row]].detach().cpu().numpy()
             for row in range(len(mb.extra["index"]))]
