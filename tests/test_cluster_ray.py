@@ -54,6 +54,12 @@ class ToyWorker:
     def hang(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def busy_span(self, seqs, seconds: float) -> list[tuple[float, float]]:
+        """Work of `seconds` on a shard of sequences; its wall-clock (start, end) per one."""
+        start = time.time()
+        time.sleep(seconds)
+        return [(start, time.time())] * len(seqs)
+
     def raise_error(self, message: str) -> None:
         raise ValueError(message)
 
@@ -232,3 +238,24 @@ def test_colocated_roles_share_one_reservation_rank_r_on_bundle_r(ray_local):
         for g in groups:
             g.shutdown()
         remove_placement_group(shared)
+
+
+def test_two_roles_started_together_run_at_the_same_time(ray_local):
+    """Role.start_map (the reference's log-probs and D's scores in a gad step) leaves the
+    call running: two roles on their own workers overlap in time; result() merges."""
+    from gad_megatron.cluster.group import RayWorkerGroup
+    from gad_megatron.config.schema import ParallelConfig
+    from gad_megatron.trainer.roles import Role
+    from gad_megatron.workers.sequences import Sequences
+
+    groups = [RayWorkerGroup(name, ToyWorker, 1, (), None, timeout_s=300) for name in "ab"]
+    try:
+        a, b = (Role(g.role, g, ParallelConfig()) for g in groups)
+        seqs = Sequences([[1], [2], [3]], [[4], [5], [6]])
+        pending = [a.start_map("busy_span", seqs, 1.0), b.start_map("busy_span", seqs, 1.0)]
+        (a_span, *rest_a), (b_span, *_) = (p.result() for p in pending)
+        assert len(rest_a) == 2 and all(s == a_span for s in rest_a)
+        assert a_span[0] < b_span[1] and b_span[0] < a_span[1], (a_span, b_span)
+    finally:
+        for g in groups:
+            g.shutdown()

@@ -74,8 +74,8 @@ def test_gad_rewards_are_scores_from_before_the_d_update(tmp_path):
     samples_seen = {}
     real_score = steps_mod.score
 
-    def score_and_keep(ctx_, teacher, samples):
-        t, s, m = real_score(ctx_, teacher, samples)
+    def score_and_keep(ctx_, teacher, samples, started=None):
+        t, s, m = real_score(ctx_, teacher, samples, started)
         samples_seen.update(samples=samples, rewards=s)
         return t, s, m
 
@@ -100,13 +100,63 @@ def test_identical_answer_scores_exactly_the_teacher_score(tmp_path):
     ctx, loader, roles = context(cfg)
     batch = loader.next_batch()
     teacher = steps_mod.teacher_sequences(batch)
-    samples = steps_mod.sample(ctx, batch, 0)
+    samples, staleness = steps_mod.sample(ctx, batch, 0)
+    assert staleness == 0
     samples.responses[0] = list(teacher.responses[samples.group[0]])  # copy the teacher answer
     t, s, metrics = steps_mod.score(ctx, teacher, samples)
     assert s[0] == t[samples.group[0]]
     assert metrics["d/identical_count"] >= 1 and metrics["d/identical_abs_gap"] == 0.0
     out = roles.disc.train("bt_step", steps_mod.bt_pairs(teacher, samples), len(samples))
     assert math.isfinite(out["d_loss"])
+
+
+def test_one_step_off_policy_runs_five_steps_and_logs_its_staleness(tmp_path, monkeypatch):
+    """rollout.max_staleness=1: step t+1's generation is begun in step t before its weight
+    sync, so from step 1 on every step trains on samples one policy version old."""
+    from gad_megatron.trainer.backends import LocalRollout
+
+    train(tiny_cfg(tmp_path, "warmup", "train.steps=2"), backend="inline")
+    calls: list = []
+    real_start, real_sync = LocalRollout.start_generate, LocalRollout.sync_from
+
+    def start(self, *args, seed):
+        calls.append(("generate", seed))
+        return real_start(self, *args, seed=seed)
+
+    def sync(self, actor):
+        calls.append(("sync",))
+        return real_sync(self, actor)
+
+    monkeypatch.setattr(LocalRollout, "start_generate", start)
+    monkeypatch.setattr(LocalRollout, "sync_from", sync)
+    cfg = tiny_cfg(tmp_path, "gad", "train.steps=5", "rollout.max_staleness=1",
+                   f"train.init_from={tmp_path / 'warmup'}")
+    history = train(cfg, backend="inline")
+    assert [m["rollout/staleness"] for m in history] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    seed = [cfg.train.seed * 100003 + step for step in range(5)]
+    g = [("generate", s) for s in seed]
+    # The start's sync; step 0 samples now and begins step 1's; the last step begins none.
+    assert calls == [("sync",), g[0], g[1], ("sync",), g[2], ("sync",), g[3], ("sync",),
+                     g[4], ("sync",), ("sync",)]
+    assert all(math.isfinite(v) for m in history for v in m.values())
+
+
+def test_lookahead_peeks_without_moving_the_resume_point(tmp_path):
+    from gad_megatron.data.batching import Lookahead
+
+    cfg = tiny_cfg(tmp_path)
+    inputs = resolve_inputs(cfg)
+    plain, ahead = (build_loader(cfg, inputs.tokenizer) for _ in range(2))
+    ahead = Lookahead(ahead)
+    first = plain.next_batch()
+    assert ahead.next_batch().keys == first.keys
+    state = ahead.state_dict()
+    peeked = ahead.peek()
+    assert ahead.peek() is peeked and ahead.state_dict() == state  # a peek saves nothing
+    assert ahead.next_batch() is peeked and peeked.keys == plain.next_batch().keys
+    ahead.peek()
+    ahead.load_state_dict(state)  # a resume drops what was peeked
+    assert ahead.next_batch().keys == peeked.keys
 
 
 def test_seqkd_never_builds_a_discriminator(tmp_path, monkeypatch):

@@ -33,16 +33,50 @@ def _seqs():
 
 # ---- layout, worked out by hand ------------------------------------------------------------
 
-def test_packed_mask_by_hand():
-    from gad_megatron.models.packed_attention import packed_causal_mask
+def test_packed_attention_is_block_diagonal_causal_attention(tmp_path):
+    """The CPU core attention on a packed row equals one masked product with the
+    block-diagonal causal mask (written out by hand), and sees nothing across sequences."""
+    outs = run_parallel(_attention_rank)[0]
+    dense, blockwise, changed = outs
+    assert torch.allclose(dense, blockwise, atol=1e-6, rtol=0)
+    assert changed[:2] == [False, False] and changed[2]  # only the third sequence saw it
 
-    mask = packed_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)
-    visible = (~mask[0, 0]).int().tolist()
-    assert visible == [[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [0, 0, 1, 0, 0],
-                       [0, 0, 1, 1, 0],
-                       [0, 0, 1, 1, 1]]
+
+def _attention_rank(rank):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from gad_megatron.models.builder import transformer_config
+    from gad_megatron.models.hf_config import parse_hf_config
+    from gad_megatron.models.packed_attention import PackedDotProductAttention
+    from gad_megatron.models.builder import BuildOptions
+    from megatron.core.transformer.enums import AttnMaskType
+
+    arch = parse_hf_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                            "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+                            "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "num_key_value_heads": 2, "hidden_act": "silu",
+                            "max_position_embeddings": 16, "rms_norm_eps": 1e-6,
+                            "rope_theta": 10000.0, "torch_dtype": "float32"})
+    config = transformer_config(arch, 1, 1, BuildOptions())
+    attn = PackedDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                     attention_type="self")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 2, 4, generator=g) for _ in range(3))  # [T=5, heads, dim]
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=3, max_seqlen_kv=3)
+    blockwise = attn(q, k, v, None, packed_seq_params=params)
+    visible = torch.tensor([[1, 0, 0, 0, 0],
+                            [1, 1, 0, 0, 0],
+                            [0, 0, 1, 0, 0],
+                            [0, 0, 1, 1, 0],
+                            [0, 0, 1, 1, 1]], dtype=torch.bool)
+    dense = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), ~visible[None, None])
+    v2 = v.clone()
+    v2[4] += 1.0  # the last token of the second sequence
+    other = attn(q, k, v2, None, packed_seq_params=params)
+    changed = [bool((other[i] != blockwise[i]).any()) for i in (0, 1, 4)]
+    return dense, blockwise, changed
 
 
 def test_packed_micro_batch_by_hand():

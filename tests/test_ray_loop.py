@@ -37,8 +37,11 @@ def test_warmup_then_gad_through_ray(tmp_path):
     assert seen_nodes and all(a.startswith("127.") for a in seen_nodes), seen_nodes
     assert not ray.is_initialized()
     assert "g/sft_loss" in history[1] and "g/sft_loss" not in history[0]
-    gad = ray_cfg(tmp_path, "gad", "actor.parallel.pp=2", f"train.init_from={tmp_path / 'warmup'}")
+    # One-step off-policy: step 1's generation runs on the engine actor during step 0.
+    gad = ray_cfg(tmp_path, "gad", "actor.parallel.pp=2", "rollout.max_staleness=1",
+                  f"train.init_from={tmp_path / 'warmup'}")
     history = train(gad, backend="ray")
+    assert [m["rollout/staleness"] for m in history] == [0.0, 1.0]
     for metrics in history:
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         for phase in ("rollout", "logprobs", "score", "d_update", "g_update", "weight_sync"):
@@ -96,11 +99,16 @@ def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_worker(tmp_path)
         start_ray_roles(cfg, resolve_inputs(cfg), total_steps=1)
 
 
-def test_colocated_warmup_through_ray(tmp_path):
-    """Issue 14, defects 4, 5 and 8 end to end on CPU slots: every role (engine included)
-    seated in one shared reservation, the engine asleep between uses."""
+def test_colocated_warmup_then_gad_through_ray(tmp_path):
+    """Issue 14, defects 4, 5 and 8, and issue 11's colocation, end to end on CPU slots:
+    every role (engine included) seated in one shared reservation, the engine asleep between
+    uses, each trainer role offloaded to host memory between its calls; warmup then gad."""
     cfg = ray_cfg(tmp_path, "warmup", "actor.parallel.tp=2", "run.colocate=true")
     history = train(cfg, backend="ray")
     assert len(history) == 2 and "g/sft_loss" in history[1]
+    gad = ray_cfg(tmp_path, "gad", "run.colocate=true", f"train.init_from={tmp_path / 'warmup'}")
+    history += train(gad, backend="ray")
+    assert len(history) == 4 and all("g/pg_loss" in m for m in history[2:])
+    assert [m["rollout/staleness"] for m in history] == [0.0] * 4
     for metrics in history:
         assert all(math.isfinite(v) for v in metrics.values()), metrics

@@ -141,6 +141,25 @@ def wait_for(role: str, refs: list, timeout_s: float, ranks: list[int] | None = 
     return [results[ref] for ref in refs]
 
 
+def _put_shared(args_per_rank: list[tuple]) -> list[tuple]:
+    """An argument object given to several ranks (a DP replica's shard, for its TP and PP
+    ranks) goes into the object store once and travels as a reference: Ray would otherwise
+    serialise it again for every call. Ray hands each rank the value, not the reference."""
+    import ray
+
+    count: dict[int, int] = {}
+    for args in args_per_rank:
+        for a in args:
+            count[id(a)] = count.get(id(a), 0) + 1
+    refs: dict[int, Any] = {}
+    for args in args_per_rank:
+        for a in args:
+            small = isinstance(a, (bool, int, float, str, type(None)))
+            if count[id(a)] > 1 and id(a) not in refs and not small:
+                refs[id(a)] = ray.put(a)
+    return [tuple(refs.get(id(a), a) for a in args) for args in args_per_rank]
+
+
 def bundle_resources(bundle) -> dict[str, float]:
     """A placement `Bundle` as Ray resources."""
     res = {"CPU": float(bundle.cpus)}
@@ -325,6 +344,7 @@ class RayWorkerGroup:
         if len(args_per_rank) != self.world_size:
             raise ValueError(f"{self.role}: {len(args_per_rank)} argument tuples for "
                              f"{self.world_size} ranks")
+        args_per_rank = _put_shared(args_per_rank)
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
 
     def wait(self, refs: list, call: str | None = None) -> list:

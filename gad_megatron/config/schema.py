@@ -204,9 +204,19 @@ class RolloutConfig:
     deterministic: bool = True
     """sglang: turn on deterministic inference; without it SGLang ignores the per-sample
     sampling seeds, so a seeded rollout would not be reproducible (costs some speed)."""
+    max_staleness: int = 0
+    """0: on-policy, each step samples from the weights it trains. 1: one-step off-policy
+    (NeMo-RL's async GRPO at age 1): step t+1's samples are generated while step t trains,
+    from the weights before step t's update, so they are one policy version old (logged as
+    rollout/staleness; the policy loss's ratio is to the actor's log-probs at the time of the
+    update). Needs the engine on devices of its own (run.colocate=false) to overlap; the
+    inline backend keeps the semantics without the overlap. Only 0 and 1."""
 
     def __post_init__(self) -> None:
         _one_of("engine", self.engine, ENGINES)
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"max_staleness must be 0 (on-policy) or 1 (one-step "
+                             f"off-policy), got {self.max_staleness}")
         if self.n < 1 or self.tp < 1 or self.max_new_tokens < 1 or self.bucket_mb < 1:
             raise ValueError("n, tp, max_new_tokens and bucket_mb must be >= 1")
         if not 0 < self.temperature or not 0 < self.top_p <= 1:
@@ -316,6 +326,10 @@ class GADConfig:
             if k is not None and k < dp:  # a prompt group is never split across replicas
                 raise ValueError(f"{role}.mini_batch_prompts={k} gives some of the "
                                  f"{role}.parallel.dp={dp} replicas no prompt; use >= {dp}")
+        if self.rollout.max_staleness and self.run.colocate:
+            raise ValueError("rollout.max_staleness=1 overlaps generation with training, but "
+                             "run.colocate=true puts the engine on the trainer's devices "
+                             "(it sleeps while they train); set run.colocate=false")
         if self.train.stage == Stage.GAD and self.rollout.n < 2:
             raise ValueError(f"rollout.n must be >= 2 in the gad stage (GRPO normalises over "
                              f"each prompt's samples), got {self.rollout.n}")

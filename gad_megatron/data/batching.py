@@ -296,3 +296,37 @@ class GroupLoader:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self._order = None
+
+
+class Lookahead:
+    """A loader that can hand out the next batch early (`peek`) without moving its resume
+    point: `state_dict` stays where the last batch taken by `next_batch` left it, so a run
+    stopped after a peek redoes the peeked batch (one-step off-policy sampling peeks)."""
+
+    def __init__(self, loader: GroupLoader):
+        self.loader = loader
+        self._peeked: Batch | None = None
+        self._state_before_peek: dict[str, Any] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.loader.batches_per_epoch
+
+    def peek(self) -> Batch:
+        if self._peeked is None:
+            self._state_before_peek = self.loader.state_dict()
+            self._peeked = self.loader.next_batch()
+        return self._peeked
+
+    def next_batch(self) -> Batch:
+        if self._peeked is None:
+            return self.loader.next_batch()
+        batch, self._peeked, self._state_before_peek = self._peeked, None, None
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state_before_peek or self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._peeked = self._state_before_peek = None
+        self.loader.load_state_dict(state)

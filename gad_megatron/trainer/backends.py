@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gad_megatron.config import ConfigError, GADConfig
-from gad_megatron.trainer.roles import InlineGroup, Role
+from gad_megatron.trainer.roles import InlineGroup, Ready, Role
 from gad_megatron.trainer.setup import RunInputs
 from gad_megatron.workers.discriminator import DiscriminatorWorker
 from gad_megatron.workers.policy import ActorWorker, ReferenceWorker
@@ -35,6 +35,10 @@ class LocalRollout:
 
     def generate(self, *args, **kwargs):
         return self.engine.generate(*args, **kwargs)
+
+    def start_generate(self, *args, **kwargs) -> Ready:
+        # This process also trains: the generation runs now (no overlap, same semantics).
+        return Ready(self.generate(*args, **kwargs))
 
     def sync_from(self, actor: Role) -> None:
         from gad_megatron.resharding.transport import InProcessTransport

@@ -9,6 +9,7 @@ from typing import Callable
 
 from gad_megatron.config import GADConfig, Stage, to_dict
 from gad_megatron.config.loader import read_run_config
+from gad_megatron.data.batching import Lookahead
 from gad_megatron.trainer.checkpoints import (
     check_fresh_start, find_resume, restore, save_checkpoint, write_atomic)
 from gad_megatron.trainer.safety import SkipGuard, StopSignals
@@ -56,7 +57,7 @@ def train(cfg: GADConfig, backend: str = "ray",
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     inputs = resolve_inputs(cfg)
-    loader = build_loader(cfg, inputs.tokenizer, run_dir)
+    loader = Lookahead(build_loader(cfg, inputs.tokenizer, run_dir))
     total = cfg.train.steps or cfg.train.epochs * loader.batches_per_epoch
     observer = RunObserver(cfg, run_dir, inputs.tokenizer, resuming=ckpt is not None,
                            previous_config=previous)
@@ -108,6 +109,8 @@ class _Loop:
                     break
                 self.step = step
                 batch = self.loader.next_batch()
+                # One-step off-policy sampling starts on the next batch during this step.
+                ctx.upcoming = self.loader.peek if step + 1 < total else None
                 ctx.timings, t0 = {}, time.perf_counter()
                 metrics = step_fn(ctx, batch, step)
                 metrics.update(ctx.timings, step=step, **{"time/step": time.perf_counter() - t0})

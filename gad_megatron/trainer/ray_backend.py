@@ -59,6 +59,18 @@ class EngineHost:
         return ray.util.get_node_ip_address(), os.getpid()
 
 
+class _Started:
+    """A generation running on the engine actor."""
+
+    def __init__(self, ref, timeout_s: float):
+        self.ref, self.timeout_s = ref, timeout_s
+
+    def result(self):
+        from gad_megatron.cluster.group import wait_for
+
+        return wait_for("rollout", [self.ref], self.timeout_s, call="generate")[0]
+
+
 def engine_env(local: bool, gpu_ids: list | None = None) -> dict[str, str]:
     """The engine actor's environment: the workers' own (`worker_env`: socket interfaces
     forced to `lo` only on a loopback-only cluster, else the cluster's own or NCCL's choice),
@@ -128,10 +140,12 @@ class RayRollout:
                                     cfg.run.colocate or cfg.rollout.sleep_when_idle)
 
     def generate(self, *args, **kwargs):
-        from gad_megatron.cluster.group import wait_for
+        return self.start_generate(*args, **kwargs).result()
 
-        return wait_for("rollout", [self.handle.generate.remote(*args, **kwargs)],
-                        self.timeout_s, call="generate")[0]
+    def start_generate(self, *args, **kwargs) -> "_Started":
+        """The generation begun on the engine; `.result()` waits for it. The engine runs its
+        calls in order, so a weight sync asked for meanwhile waits for this generation."""
+        return _Started(self.handle.generate.remote(*args, **kwargs), self.timeout_s)
 
     def where(self) -> tuple[str, int]:
         from gad_megatron.cluster.group import wait_for

@@ -24,6 +24,8 @@ GLOBAL_METRICS = ("grad_norm", "lr", "update_ok", "num_zeros", "skipped", "nonfi
 class Group(Protocol):
     def call(self, method: str, *args, **kwargs) -> list: ...
     def call_per_rank(self, method: str, args_per_rank: list[tuple]) -> list: ...
+    def call_per_rank_async(self, method: str, args_per_rank: list[tuple]) -> list: ...
+    def wait(self, handles: list, call: str | None = None) -> list: ...
     def shutdown(self) -> None: ...
 
 
@@ -38,6 +40,13 @@ class InlineGroup:
 
     def call_per_rank(self, method: str, args_per_rank: list[tuple]) -> list:
         return [getattr(self.worker, method)(*args_per_rank[0])]
+
+    def call_per_rank_async(self, method: str, args_per_rank: list[tuple]) -> list:
+        # One process, one device: nothing to overlap with, so the call runs now.
+        return self.call_per_rank(method, args_per_rank)
+
+    def wait(self, handles: list, call: str | None = None) -> list:
+        return handles
 
     def shutdown(self) -> None:
         self.worker = None
@@ -103,23 +112,34 @@ class Role:
         picked = {dp: r for r, (dp, pp, tp) in zip(results, self.coords) if pp == last and tp == 0}
         return [picked[d] for d in range(self.par.dp)]
 
+    def _per_rank(self, seqs: Sequences, shards: list[list[int]], args: tuple) -> list[tuple]:
+        """Each rank's arguments: its replica's shard, one object shared by the replica's
+        TP/PP ranks (the Ray group then serialises it once per replica)."""
+        parts = [seqs.take(shard) for shard in shards]
+        return [(parts[dp],) + args for dp, _, _ in self.coords]
+
     def map_sequences(self, method: str, seqs: Sequences, *args) -> list:
         """Run `method(shard, *args)` with each replica's shard; concatenate the per-sequence
         results back into the original order."""
+        return self.start_map(method, seqs, *args).result()
+
+    def start_map(self, method: str, seqs: Sequences, *args) -> "PendingMap":
+        """`map_sequences` started, not waited for: the caller overlaps it with work of
+        other roles on other devices and takes `.result()` later. A colocated (offloading)
+        role runs it at once, since it shares its devices with the others."""
         shards = split_groups(seqs, self.par.dp)
-        per_rank = [(seqs.take(shards[dp]),) + args for dp, _, _ in self.coords]
-        with self._resident():
-            outs = self._outputs(self.group.call_per_rank(method, per_rank))
-        merged: list[Any] = [None] * len(seqs)
-        for shard, out in zip(shards, outs):
-            for i, value in zip(shard, out):
-                merged[i] = value
-        return merged
+        per_rank = self._per_rank(seqs, shards, args)
+        if self.offload:
+            with self._resident():
+                outs = self.group.call_per_rank(method, per_rank)
+            return PendingMap(self, shards, len(seqs), outs, method, done=True)
+        handles = self.group.call_per_rank_async(method, per_rank)
+        return PendingMap(self, shards, len(seqs), handles, method, done=False)
 
     def train(self, method: str, seqs: Sequences, *args) -> dict:
         """Run a training step; sum metric shares over replicas (global ones taken once)."""
         shards = split_groups(seqs, self.par.dp)
-        per_rank = [(seqs.take(shards[dp]),) + args for dp, _, _ in self.coords]
+        per_rank = self._per_rank(seqs, shards, args)
         with self._resident():
             outs = self._outputs(self.group.call_per_rank(method, per_rank))
         merged: dict[str, float] = {}
@@ -128,3 +148,31 @@ class Role:
                 v = float(np.asarray(v))
                 merged[k] = v if k in GLOBAL_METRICS else merged.get(k, 0.0) + v
         return merged
+
+
+class PendingMap:
+    """A started `Role.map_sequences`; `result()` waits and merges in sequence order."""
+
+    def __init__(self, role: Role, shards: list[list[int]], n: int, handles: list,
+                 method: str, done: bool):
+        self.role, self.shards, self.n, self.method = role, shards, n, method
+        self._handles, self._done = handles, done
+
+    def result(self) -> list:
+        results = (self._handles if self._done
+                   else self.role.group.wait(self._handles, call=self.method))
+        merged: list[Any] = [None] * self.n
+        for shard, out in zip(self.shards, self.role._outputs(results)):
+            for i, value in zip(shard, out):
+                merged[i] = value
+        return merged
+
+
+class Ready:
+    """A call that already ran, with the `result()` of a started one (in-process roles)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value

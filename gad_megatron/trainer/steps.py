@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,13 @@ class StepContext:
     pad_id: int = 0
     eos_id: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    upcoming: Callable[[], Any] | None = None
+    """The next step's batch, when there is one (the loader's peek)."""
+    policy_version: int = 0
+    """Weight syncs to the engine so far: the version of the weights it samples from."""
+    prefetched: Any = None
+    """(step, policy version at its start, pending generation) begun a step early
+    (rollout.max_staleness=1)."""
     last_pairs: Any = None
     """(teacher, samples, teacher scores, sample scores) of the latest scoring, for reports."""
 
@@ -54,15 +61,35 @@ def teacher_sequences(batch) -> Sequences:
     return Sequences(_lists(batch.prompt_ids), _lists(batch.teacher_ids), list(range(n)))
 
 
-def sample(ctx: StepContext, batch, step: int) -> Sequences:
-    """n samples per prompt from the current student (prompt-major, grouped by prompt)."""
+def _start_generation(ctx: StepContext, batch, step: int):
     r = ctx.cfg.rollout
+    return ctx.rollout.start_generate(_lists(batch.prompt_ids), r.n, r.temperature, r.top_p,
+                                      r.max_new_tokens, seed=ctx.cfg.train.seed * 100003 + step)
+
+
+def sample(ctx: StepContext, batch, step: int) -> tuple[Sequences, int]:
+    """n samples per prompt from the student (prompt-major, grouped by prompt), and their
+    staleness: how many weight syncs the engine is behind the trainer (0 on-policy).
+
+    On-policy, from the current weights. With rollout.max_staleness=1 the samples were begun
+    during the previous step (from the weights before its update), and this step's end
+    begins the next step's, so the engine generates while the trainer trains."""
     prompts = _lists(batch.prompt_ids)
     with ctx.phase("rollout"):
-        gen = ctx.rollout.generate(prompts, r.n, r.temperature, r.top_p, r.max_new_tokens,
-                                   seed=ctx.cfg.train.seed * 100003 + step)
-    return Sequences([prompts[g] for g in gen.group_index], gen.responses, list(gen.group_index),
-                     {"engine_logprobs": gen.logprobs})
+        early = ctx.prefetched
+        ctx.prefetched = None
+        if early is not None and early[0] == step:
+            version, pending = early[1], early[2]
+        else:  # on-policy, the first step, or after a resume: generate now
+            version, pending = ctx.policy_version, _start_generation(ctx, batch, step)
+        gen = pending.result()
+        if ctx.cfg.rollout.max_staleness and ctx.upcoming is not None:
+            ctx.prefetched = (step + 1, ctx.policy_version,
+                              _start_generation(ctx, ctx.upcoming(), step + 1))
+    engine_lp = [np.asarray(lp, dtype=np.float32) for lp in gen.logprobs]
+    samples = Sequences([prompts[g] for g in gen.group_index], gen.responses,
+                        list(gen.group_index), {"engine_logprobs": engine_lp})
+    return samples, ctx.policy_version - version
 
 
 def bt_pairs(teacher: Sequences, samples: Sequences) -> Sequences:
@@ -80,11 +107,17 @@ def bt_pairs(teacher: Sequences, samples: Sequences) -> Sequences:
     return Sequences(prompts, responses, group, {"is_teacher": is_teacher})
 
 
-def score(ctx: StepContext, teacher: Sequences, samples: Sequences):
-    """D's scores of teacher answers and samples (before D's update this step) + metrics."""
+def start_scores(ctx: StepContext, teacher: Sequences, samples: Sequences):
+    """D's scoring of teacher answers and samples, started (see `Role.start_map`)."""
+    return ctx.disc.start_map("scores", teacher), ctx.disc.start_map("scores", samples)
+
+
+def score(ctx: StepContext, teacher: Sequences, samples: Sequences, started=None):
+    """D's scores of teacher answers and samples (before D's update this step) + metrics;
+    `started`: the scoring as `start_scores` began it."""
     with ctx.phase("score"):
-        t = np.asarray(ctx.disc.map_sequences("scores", teacher), dtype=np.float32)
-        s = np.asarray(ctx.disc.map_sequences("scores", samples), dtype=np.float32)
+        pending = started or start_scores(ctx, teacher, samples)
+        t, s = (np.asarray(p.result(), dtype=np.float32) for p in pending)
     t_rep = torch.from_numpy(t[np.asarray(samples.group)])
     identical = torch.tensor([samples.responses[i] == teacher.responses[g]
                               for i, g in enumerate(samples.group)])
@@ -120,7 +153,10 @@ def sft_update(ctx: StepContext, teacher: Sequences) -> dict:
 
 def sync_rollout(ctx: StepContext) -> None:
     with ctx.phase("weight_sync"):
+        # The engine takes calls in order: a generation begun early finishes first, from
+        # the weights it started with.
         ctx.rollout.sync_from(ctx.actor)
+    ctx.policy_version += 1
 
 
 def length_metrics(teacher: Sequences, samples: Sequences | None) -> dict:
@@ -152,8 +188,9 @@ def add_throughput(metrics: dict) -> dict:
 def warmup_step(ctx: StepContext, batch, step: int) -> dict:
     """D by BT every step; G by SFT on teacher answers once step >= d_only_steps."""
     teacher = teacher_sequences(batch)
-    samples = sample(ctx, batch, step)
+    samples, staleness = sample(ctx, batch, step)
     _, _, metrics = score(ctx, teacher, samples)
+    metrics["rollout/staleness"] = float(staleness)
     metrics.update(update_discriminator(ctx, teacher, samples))
     if step >= ctx.cfg.train.d_only_steps:
         metrics.update(sft_update(ctx, teacher))
@@ -180,16 +217,23 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
     """G by the clipped policy loss with reward = D's pre-update score; D by BT."""
     cfg = ctx.cfg
     teacher = teacher_sequences(batch)
-    samples = sample(ctx, batch, step)
+    samples, staleness = sample(ctx, batch, step)
     with ctx.phase("logprobs"):
+        # Three forward passes that need nothing of each other: on separate devices the
+        # reference and D run while the actor computes its log-probs (colocated roles take
+        # turns). time/score is then only the wait for D after the log-probs.
+        ref_pending = ctx.ref.start_map("logprobs", samples, cfg.rollout.temperature)
+        scores_pending = start_scores(ctx, teacher, samples)
         old = ctx.actor.map_sequences("logprobs", samples, cfg.rollout.temperature)
-        ref = ctx.ref.map_sequences("logprobs", samples, cfg.rollout.temperature)
-    _, rewards, metrics = score(ctx, teacher, samples)
+        ref = ref_pending.result()
+    _, rewards, metrics = score(ctx, teacher, samples, scores_pending)
+    metrics["rollout/staleness"] = float(staleness)
     adv = alg.grpo_advantages(torch.from_numpy(rewards), torch.tensor(samples.group))
     if cfg.discriminator.update_in_gad:  # False: D frozen after warmup (ablation)
         metrics.update(update_discriminator(ctx, teacher, samples))
-    samples.fields.update(advantage=adv.tolist(), old_logprobs=[a.tolist() for a in old],
-                          ref_logprobs=[a.tolist() for a in ref])
+    # As arrays: the policy update's shards then travel as buffers (Sequences.fields).
+    samples.fields.update(advantage=adv.numpy().astype(np.float32), old_logprobs=old,
+                          ref_logprobs=ref)
     with ctx.phase("g_update"):
         # ppo_epochs passes over the same samples, each in mini-batches of prompts (one
         # optimizer step each, normalised over its own mini-batch). After the first step the
