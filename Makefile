@@ -17,7 +17,7 @@ RUN_ROOT ?= runs/default
 BACKEND  ?= ray
 PYTEST_ARGS ?=
 # Command-line `key=value` words that are config overrides (not this Makefile's variables).
-OVERRIDES := $(filter-out CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=% STYLES_ROOT=% COMPARE_ARGS=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out DEVICE_PY=% CONFIG=% GAD_CONFIG=% RUN_ROOT=% BACKEND=% PYTHON=% VENV=% PYTEST_ARGS=% LAUNCH=% STAGE=% DISCRIMINATOR=% ENGINE=% GPU_VENV=% BENCH_ARGS=% BENCH_GPU_ARGS=% SLURM=% NODES=% PARTITION=% SBATCH_ARGS=% STYLES_ROOT=% COMPARE_ARGS=%,$(MAKEOVERRIDES))
 # Prefix for the training command (a later Slurm wrapper sets it, e.g. LAUNCH="srun ...").
 LAUNCH   ?=
 GAD      := $(LAUNCH) $(PY) -m gad_megatron
@@ -36,7 +36,7 @@ stage_cmd = $(if $(filter 1,$(SLURM)),$(slurm_cmd),$(local_cmd))
 TASK_DIR := runs/default/task
 
 .PHONY: setup test test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean \
-	setup-gpu bench-gpu check-readme setup-vllm test-vllm compare ablation-frozen-d ablation-warmup ablation-remedies ablations
+	setup-gpu bench-gpu device-wheels bench-gpu-device check-readme setup-vllm test-vllm compare ablation-frozen-d ablation-warmup ablation-remedies ablations
 
 setup: $(STAMP)
 
@@ -118,6 +118,23 @@ test-gpu: setup-gpu
 # seeds, PP variable lengths and chunked log-prob memory); each skips cleanly without CUDA.
 bench-gpu: setup-gpu
 	$(GPU_PY) -m gad_megatron.bench_gpu $(BENCH_GPU_ARGS)
+
+# A lent GPU machine (the device tool) has CUDA torch and transformers but no package index
+# and no megatron-core: `make device-wheels` here fills .whl/ (git-ignored; carry it) with the
+# few wheels the GPU checks need, for its Python 3.12; there, `make bench-gpu-device`
+# installs them offline and runs every check (under 8 minutes on one H100/H200).
+DEVICE_WHEELS := megatron-core==0.16.1 PyYAML==6.0.3 psutil==7.2.2 pytest==9.2.0 \
+	pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 Pygments==2.21.0 einops==0.8.2
+DEVICE_PY ?= python3
+
+device-wheels: setup
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d .whl $(DEVICE_WHEELS)
+
+bench-gpu-device:
+	$(DEVICE_PY) -m pip install --quiet --no-index --find-links .whl $(DEVICE_WHEELS)
+	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m gad_megatron.bench_gpu $(BENCH_GPU_ARGS)
 
 # Speed and memory figures with their ratios (data validation, weight sync, loop steps);
 # BENCH_ARGS="--only sync" etc. Not part of `make test`.

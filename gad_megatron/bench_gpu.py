@@ -1,21 +1,23 @@
-"""`make bench-gpu`: the GPU-only checks of issue 14, as measurements with a verdict each.
+"""`make bench-gpu`: the GPU-only checks, as measurements with a verdict each.
 
-    python -m gad_megatron.bench_gpu [--only te,sglang,logprobs,varlen,mfu] [--tokens 8192]
-                                     [--vocab 152064] [--model-dir DIR]
-                                     [--rows 4] [--seq 2048] [--iters 5]
+    python -m gad_megatron.bench_gpu [--only te,sglang,logprobs,varlen,mfu,sync,throughput,parity]
+                                     [--tokens 8192] [--vocab 152064] [--model-dir DIR]
+                                     [--rows 4] [--seq 2048] [--iters 5] [--bucket-mb 512]
 
-- te (defect 10): on CUDA, building a GPT without Transformer Engine is refused unless
-  perf.allow_local_spec; with TE the TE spec is used.
+- te (issue 14, defect 10): on CUDA, building a GPT without Transformer Engine is refused
+  unless perf.allow_local_spec; with TE the TE spec is used.
 - sglang (defects 2, 3): a tiny model in SGLang: weights synced, then sleep and wake, then
   greedy output unchanged (the CPU weight backup works); two seeded samplings agree.
 - logprobs (defect 11): peak CUDA memory of forward+backward of the token log-probs over
   [tokens, vocab] bf16 logits, chunked (models/logprobs.py) vs the direct form.
-- mfu (issue 11): model FLOPs utilisation of one actor update (forward, backward and the
-  Megatron optimizer step, through models/optim.train_step) on Qwen2.5-1.5B's shape in
-  bf16; FLOPs from gad_megatron/flops.py, where the formula is written out.
 - varlen (defect 11): peak CUDA memory of one training forward+backward of a GPT over
   variable-length micro-batches, padded to the batch's rows x longest (the old PP>1
   layout) vs each at its own shape (what variable_seq_lengths lets PP>1 do).
+- mfu (issue 11): model FLOPs utilisation of one actor update (forward, backward and the
+  Megatron optimizer step, through models/optim.train_step) on Qwen2.5-1.5B's shape in
+  bf16, over one packed (THD) micro-batch of rows x seq tokens in sequences of mixed
+  lengths; FLOPs from gad_megatron/flops.py, where the formula is written out.
+- sync, throughput, parity (issue 11): bench_gpu_paths.py.
 Every check says `skip: <why>` and the command exits 0 when its needs (CUDA, the package)
 are missing, so it runs anywhere; a check that fails says `FAIL` and exits 1.
 """
@@ -26,7 +28,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-CHECKS = ("te", "sglang", "logprobs", "varlen", "mfu")
+CHECKS = ("te", "sglang", "logprobs", "varlen", "mfu", "sync", "throughput", "parity")
 
 # Qwen2.5-1.5B's shape (its config.json), random weights: the MFU check's model.
 QWEN25_1P5B = {
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=4, help="mfu: sequences per update")
     parser.add_argument("--seq", type=int, default=2048, help="mfu: tokens per sequence")
     parser.add_argument("--iters", type=int, default=5, help="mfu: timed updates (after 2)")
+    parser.add_argument("--bucket-mb", type=int, default=512, help="sync: bucket size, MiB")
     parser.add_argument("--model-dir", default="", help="sglang: an HF model dir (default: "
                         "a tiny random Qwen3 written to a temporary directory)")
     args = parser.parse_args(argv)
@@ -63,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
     if args.tokens < 1 or args.vocab < 2:
         parser.error("--tokens must be >= 1 and --vocab >= 2")
-    if min(args.rows, args.seq, args.iters) < 1:
-        parser.error("--rows, --seq and --iters must be >= 1")
+    if min(args.rows, args.seq, args.iters, args.bucket_mb) < 1:
+        parser.error("--rows, --seq, --iters and --bucket-mb must be >= 1")
     return args
 
 
@@ -226,19 +229,24 @@ def check_mfu(args) -> Result:
 
 def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, float, str]:
     """(model FLOPs, seconds) of one actor update on this rank's device, averaged over
-    `iters` timed updates after two untimed ones; and which layer spec ran. Every row is
-    `seq` real tokens, so no padding token is counted. Parallel state must be initialised."""
+    `iters` timed updates after two untimed ones; and which layer spec ran. The update is
+    one packed micro-batch of rows x seq real tokens in sequences of mixed lengths
+    (`packed_lengths`), so no padding token is counted and attention FLOPs are each
+    sequence's own. Parallel state must be initialised."""
     import time
 
     import torch
 
+    import numpy as np
+
+    from gad_megatron.bench_gpu_paths import packed_lengths
     from gad_megatron.flops import train_flops
     from gad_megatron.models.builder import BuildOptions, build_gpt
-    from gad_megatron.models.forward import MicroBatch
     from gad_megatron.models.hf_config import parse_hf_config
     from gad_megatron.models.logprobs import vocab_parallel_logprobs
     from gad_megatron.models.optim import OptimConfig, train_step, wrap_for_training
     from gad_megatron.parallel.dist import device
+    from gad_megatron.workers.sequences import Sequences, to_packed_micro_batch
 
     dev = device()
     arch = parse_hf_config(cfg)
@@ -247,14 +255,18 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
     te = any(type(m).__module__.startswith("transformer_engine") for m in model.modules())
     spec = "TE" if te else "local"
     ddp, optimizer, scheduler = wrap_for_training(model, OptimConfig(lr=1e-6))
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, arch.vocab_size, (rows, seq + 1), generator=gen).to(dev)
-    mb = MicroBatch(tokens[:, :-1], torch.ones(rows, seq, dtype=torch.bool, device=dev),
-                    {"targets": tokens[:, 1:]})
+    lengths = packed_lengths(rows * seq, seq)
+    rng = np.random.default_rng(0)
+    seqs = Sequences([rng.integers(0, arch.vocab_size, 1).tolist() for _ in lengths],
+                     [rng.integers(0, arch.vocab_size, n - 1).tolist() for n in lengths])
+    mb = to_packed_micro_batch(seqs, list(range(len(lengths))), pad_id=0).to(dev)
 
     def loss_fn(output, batch):
-        lp = vocab_parallel_logprobs(output, batch.extra["targets"], arch.vocab_size)
-        return -lp.sum() / lp.numel(), lp.numel(), {"loss": -lp.mean().detach()}
+        lp = batch.rows(vocab_parallel_logprobs(output, batch.extra["targets"],
+                                                arch.vocab_size))
+        mask = batch.valid
+        return (-(lp * mask).sum() / mask.sum(), mask.sum(),
+                {"loss": -(lp * mask).sum().detach() / mask.sum()})
 
     def sync():
         if dev.type == "cuda":
@@ -267,7 +279,7 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
     for _ in range(iters):
         train_step(ddp, optimizer, scheduler, [mb], loss_fn)
     sync()
-    return train_flops(arch, [seq] * rows), (time.perf_counter() - start) / iters, spec
+    return train_flops(arch, lengths), (time.perf_counter() - start) / iters, spec
 
 
 def _update_rank(rank: int, world: int, cfg: dict, rows: int, seq: int, iters: int):
@@ -277,14 +289,49 @@ def _update_rank(rank: int, world: int, cfg: dict, rows: int, seq: int, iters: i
     return measure_update(cfg, rows, seq, iters)
 
 
-def _local_ok():
-    from gad_megatron.models.perf import PerfConfig
+def check_sync(args) -> Result:
+    from gad_megatron.bench_gpu_paths import sync_rank
+    from gad_megatron.parallel.launch import spawn_ranks
 
-    return PerfConfig(allow_local_spec=True)  # the measurement is about shapes, any spec
+    nbytes, copy_s, sent, sync_s = spawn_ranks(
+        sync_rank, 1, args=(QWEN25_1P5B, args.bucket_mb, 3), timeout_s=600, backend="nccl")[0]
+    copy_gbs, sync_gbs = nbytes / copy_s / 1e9, sent / sync_s / 1e9
+    return Result("sync", "ok" if sent == nbytes else "FAIL",
+                  f"{sync_gbs:.1f} GB/s weight sync ({sent / 1e9:.2f} GB in {sync_s:.3f} s, "
+                  f"{args.bucket_mb} MiB buckets) vs {copy_gbs:.1f} GB/s device copy of the "
+                  f"same bytes: {copy_s / sync_s:.2f}x the copy's speed; Qwen2.5-1.5B bf16")
+
+
+def check_throughput(args) -> Result:
+    from gad_megatron.bench_gpu_paths import packed_lengths, throughput_rank
+    from gad_megatron.parallel.launch import spawn_ranks
+
+    lengths = packed_lengths(16 * args.seq, args.seq, seed=1)
+    secs = spawn_ranks(throughput_rank, 1, args=(QWEN25_1P5B, lengths, 4 * args.seq),
+                       timeout_s=600, backend="nccl")[0]
+    tokens = sum(lengths)
+    return Result("throughput", "ok",
+                  f"log-probs {tokens / secs['logprobs']:.0f} tokens/s, D scores "
+                  f"{tokens / secs['scores']:.0f} tokens/s (forward only, packed, "
+                  f"{len(lengths)} sequences, {tokens} tokens); Qwen2.5-1.5B bf16")
+
+
+def check_parity(args) -> Result:
+    from gad_megatron.bench_gpu_paths import run_parity
+
+    passed, summary = run_parity()
+    return Result("parity", "ok" if passed else "FAIL", f"pytest -m gpu: {summary}")
+
+
+def _local_ok():
+    from gad_megatron.bench_gpu_paths import _local_ok as local_ok
+
+    return local_ok()
 
 
 RUNNERS = {"te": check_te, "sglang": check_sglang, "logprobs": check_logprobs,
-           "varlen": check_varlen, "mfu": check_mfu}
+           "varlen": check_varlen, "mfu": check_mfu, "sync": check_sync,
+           "throughput": check_throughput, "parity": check_parity}
 
 
 def main(argv: list[str] | None = None) -> int:

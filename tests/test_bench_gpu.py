@@ -67,7 +67,10 @@ def test_the_mfu_measurement_runs_the_real_update_on_cpu():
     cfg = {**TINY, "hidden_size": 64, "num_attention_heads": 2, "head_dim": 32,
            "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 256}
     flops, seconds, spec = spawn_ranks(_update_rank, 1, args=(cfg, 2, 16, 1), timeout_s=300)[0]
-    assert flops == train_flops(parse_hf_config(cfg), [16, 16]) and seconds > 0
+    from gad_megatron.bench_gpu_paths import packed_lengths
+
+    # One packed micro-batch of 2 x 16 tokens in mixed lengths; attention FLOPs per sequence.
+    assert flops == train_flops(parse_hf_config(cfg), packed_lengths(32, 16)) and seconds > 0
     assert spec == "local"
 
 
@@ -76,3 +79,20 @@ def test_mfu_arguments():
     assert args.only == ["mfu"] and (args.rows, args.seq, args.iters) == (2, 512, 5)
     with pytest.raises(SystemExit):
         parse_args(["--seq", "0"])
+
+
+def test_packed_lengths_sum_to_the_budget_in_mixed_lengths():
+    from gad_megatron.bench_gpu_paths import packed_lengths
+
+    for total, seq in ((8192, 2048), (32, 16), (100, 7)):
+        lengths = packed_lengths(total, seq)
+        assert sum(lengths) == total and min(lengths) >= 1
+        assert len(set(lengths)) > 1 and max(lengths) < 2 * seq
+    assert packed_lengths(8192, 2048) == packed_lengths(8192, 2048)  # seeded
+
+
+def test_sync_and_throughput_arguments():
+    args = parse_args(["--only", "sync,throughput,parity", "--bucket-mb", "64"])
+    assert args.only == ["sync", "throughput", "parity"] and args.bucket_mb == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--bucket-mb", "0"])
