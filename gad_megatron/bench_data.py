@@ -4,10 +4,12 @@
   8 samples of ~3.5K tokens, synthetic), roles at TP=2 x DP=4 as on one 8-GPU node: the
   shards each role call sends, serialised as Ray does (pickle protocol 5, array buffers out
   of band and copied once into the object store), and the per-sequence results merged back.
-  'before': per-token fields as Python lists and every rank's arguments serialised
-  separately (what the code did); 'after': numpy arrays, and one copy per DP replica
-  shared by its TP/PP ranks (cluster/group.py). Worker-side deserialisation is not counted:
-  it runs in parallel on the workers.
+  'before': what the code sent until issue 11, token ids and per-token fields as Python
+  lists, every rank's arguments serialised separately (emulated: each shard is turned into
+  that form first, and the time of turning it is left out); 'after': int32/float32 arrays
+  (workers/sequences.py), one copy per DP replica shared by its TP/PP ranks
+  (cluster/group.py). Worker-side deserialisation is not counted: it runs in parallel on
+  the workers.
 - packing: one actor forward+backward over variable-length sequences of the embedded
   default's model shape, padded micro-batches vs packed (THD), real tokens per second.
 """
@@ -37,7 +39,19 @@ class _SerializingGroup:
 
     def __init__(self, world: int, answers: dict, share: bool):
         self.world, self.answers, self.share = world, answers, share
-        self.bytes = 0
+        self.bytes, self.left_out = 0, 0.0
+
+    def _as_lists(self, args: tuple) -> tuple:
+        """A shard in the form the code sent before (lists); its making is not timed."""
+        start = time.perf_counter()
+        seqs = args[0]
+        fields = {k: v.tolist() if isinstance(v, np.ndarray) else
+                  [x.tolist() if isinstance(x, np.ndarray) else x for x in v]
+                  for k, v in seqs.fields.items()}
+        legacy = ([p.tolist() for p in seqs.prompts], [r.tolist() for r in seqs.responses],
+                  list(seqs.group), fields)
+        self.left_out += time.perf_counter() - start
+        return (legacy,) + args[1:]
 
     def call_per_rank_async(self, method: str, args_per_rank: list[tuple]) -> list:
         seen: set[int] = set()
@@ -45,7 +59,7 @@ class _SerializingGroup:
             if self.share and id(args[0]) in seen:
                 continue  # the replica's shard was put once; its other ranks get the ref
             seen.add(id(args[0]))
-            self.bytes += _serialize(args)
+            self.bytes += _serialize(args if self.share else self._as_lists(args))
         out = self.answers[method]
         # Results come back pickled by the workers; the controller unpickles each.
         return [pickle.loads(out(args[0])) for args in args_per_rank]
@@ -76,7 +90,7 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
     from gad_megatron.config.schema import ParallelConfig
     from gad_megatron.trainer.roles import Role
     from gad_megatron.trainer.steps import bt_pairs, teacher_sequences
-    from gad_megatron.workers.sequences import Sequences, prompt_minibatches
+    from gad_megatron.workers.sequences import Sequences, as_token_ids, prompt_minibatches
 
     par = ParallelConfig(tp=TP, pp=1, dp=DP)
     rng = np.random.default_rng(1)
@@ -94,9 +108,11 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
     _Batch.prompt_ids = prompt_ids
     engine_lp = [rng.standard_normal(len(r)).tolist() for r in responses]  # as engines give
     start = time.perf_counter()
-    prompts = [p.tolist() for p in prompt_ids]
-    engine_lp = [np.asarray(x, np.float32) for x in engine_lp] if arrays else engine_lp
-    samples = Sequences([prompts[g] for g in group], responses, list(group),
+    # What steps.sample does with the engine's lists (both variants: the "before" shards
+    # are turned back into lists when sent, untimed).
+    ids = [as_token_ids(p) for p in prompt_ids]
+    engine_lp = [np.asarray(x, np.float32) for x in engine_lp]
+    samples = Sequences([ids[g] for g in group], responses, list(group),
                         {"engine_logprobs": engine_lp})
     teacher = teacher_sequences(_Batch)
     old = actor.map_sequences("logprobs", samples, 1.0)
@@ -105,15 +121,12 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
                               disc.map_sequences("scores", samples)])[len(teacher):]
     adv = alg.grpo_advantages(torch.from_numpy(np.asarray(rewards, np.float32)),
                               torch.tensor(samples.group))
-    if arrays:
-        samples.fields.update(advantage=adv.numpy(), old_logprobs=old, ref_logprobs=ref_lp)
-    else:
-        samples.fields.update(advantage=adv.tolist(), old_logprobs=[a.tolist() for a in old],
-                              ref_logprobs=[a.tolist() for a in ref_lp])
+    samples.fields.update(advantage=adv.numpy(), old_logprobs=old, ref_logprobs=ref_lp)
     disc.train("bt_step", bt_pairs(teacher, samples), len(samples))
     for part in prompt_minibatches(samples, 64):
         actor.train("policy_step", part, 1.0, 1.0)
-    return time.perf_counter() - start, sum(g.bytes for g in groups)
+    left_out = sum(g.left_out for g in groups)
+    return time.perf_counter() - start - left_out, sum(g.bytes for g in groups)
 
 
 def bench_movement(repeats: int = 2) -> None:

@@ -76,7 +76,7 @@ def test_gad_step_takes_one_optimizer_step_per_mini_batch(tmp_path):
     # discriminator: one prompt per step: its teacher answer and its 2 samples, 2 pairs.
     assert len(bt) == 4 and metrics["d/optimizer_steps"] == 4
     for seqs, (pairs,) in bt:
-        assert len(set(seqs.group)) == 1 and seqs.fields["is_teacher"] == [True, False, False]
+        assert len(set(seqs.group)) == 1 and seqs.fields["is_teacher"].tolist() == [True, False, False]
         assert pairs == 2
 
 

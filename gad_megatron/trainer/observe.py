@@ -7,15 +7,19 @@ from pathlib import Path
 from gad_megatron.config import GADConfig, to_dict
 
 
+def _text(tokenizer, ids) -> str:
+    return tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
+
+
 def sample_rows(pairs, tokenizer, limit: int = 8) -> list[dict]:
     """(prompt, teacher, student, scores) rows of the step's first samples."""
     teacher, samples, t_scores, s_scores = pairs
     rows = []
     for i in range(min(limit, len(samples))):
         g = samples.group[i]
-        rows.append({"prompt": tokenizer.decode(samples.prompts[i], skip_special_tokens=True),
-                     "teacher": tokenizer.decode(teacher.responses[g], skip_special_tokens=True),
-                     "student": tokenizer.decode(samples.responses[i], skip_special_tokens=True),
+        rows.append({"prompt": _text(tokenizer, samples.prompts[i]),
+                     "teacher": _text(tokenizer, teacher.responses[g]),
+                     "student": _text(tokenizer, samples.responses[i]),
                      "teacher_score": float(t_scores[g]), "student_score": float(s_scores[i])})
     return rows
 

@@ -16,7 +16,7 @@ import torch
 
 from gad_megatron import algorithms as alg
 from gad_megatron.config.schema import GADConfig
-from gad_megatron.workers.sequences import Sequences, prompt_minibatches
+from gad_megatron.workers.sequences import Sequences, as_token_ids, prompt_minibatches
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _lists(arrays) -> list[list[int]]:
 
 def teacher_sequences(batch) -> Sequences:
     n = len(batch.prompt_ids)
-    return Sequences(_lists(batch.prompt_ids), _lists(batch.teacher_ids), list(range(n)))
+    return Sequences(list(batch.prompt_ids), list(batch.teacher_ids), list(range(n)))
 
 
 def _start_generation(ctx: StepContext, batch, step: int):
@@ -74,7 +74,6 @@ def sample(ctx: StepContext, batch, step: int) -> tuple[Sequences, int]:
     On-policy, from the current weights. With rollout.max_staleness=1 the samples were begun
     during the previous step (from the weights before its update), and this step's end
     begins the next step's, so the engine generates while the trainer trains."""
-    prompts = _lists(batch.prompt_ids)
     with ctx.phase("rollout"):
         early = ctx.prefetched
         ctx.prefetched = None
@@ -87,7 +86,8 @@ def sample(ctx: StepContext, batch, step: int) -> tuple[Sequences, int]:
             ctx.prefetched = (step + 1, ctx.policy_version,
                               _start_generation(ctx, ctx.upcoming(), step + 1))
     engine_lp = [np.asarray(lp, dtype=np.float32) for lp in gen.logprobs]
-    samples = Sequences([prompts[g] for g in gen.group_index], gen.responses,
+    ids = [as_token_ids(p) for p in batch.prompt_ids]  # one array per prompt, shared
+    samples = Sequences([ids[g] for g in gen.group_index], gen.responses,
                         list(gen.group_index), {"engine_logprobs": engine_lp})
     return samples, ctx.policy_version - version
 
@@ -104,7 +104,7 @@ def bt_pairs(teacher: Sequences, samples: Sequences) -> Sequences:
         for i in by_group.get(g, []):
             prompts.append(samples.prompts[i]), responses.append(samples.responses[i])
             group.append(g), is_teacher.append(False)
-    return Sequences(prompts, responses, group, {"is_teacher": is_teacher})
+    return Sequences(prompts, responses, group, {"is_teacher": np.asarray(is_teacher)})
 
 
 def start_scores(ctx: StepContext, teacher: Sequences, samples: Sequences):
@@ -119,7 +119,7 @@ def score(ctx: StepContext, teacher: Sequences, samples: Sequences, started=None
         pending = started or start_scores(ctx, teacher, samples)
         t, s = (np.asarray(p.result(), dtype=np.float32) for p in pending)
     t_rep = torch.from_numpy(t[np.asarray(samples.group)])
-    identical = torch.tensor([samples.responses[i] == teacher.responses[g]
+    identical = torch.tensor([np.array_equal(samples.responses[i], teacher.responses[g])
                               for i, g in enumerate(samples.group)])
     metrics = alg.discriminator_metrics(t_rep, torch.from_numpy(s), identical)
     ctx.last_pairs = (teacher, samples, t, s)
@@ -210,7 +210,7 @@ def seqkd_step(ctx: StepContext, batch, step: int) -> dict:
 def _global_norm(samples: Sequences, agg: str) -> float:
     if agg == "token-mean":
         return float(samples.response_tokens())
-    return float(sum(1 for r in samples.responses if r))
+    return float(sum(1 for r in samples.responses if len(r)))
 
 
 def gad_step(ctx: StepContext, batch, step: int) -> dict:

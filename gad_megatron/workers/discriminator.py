@@ -19,7 +19,7 @@ from gad_megatron.workers.sequences import Sequences, micro_batches
 
 def strip_trailing_eos(seqs: Sequences, eos_id: int) -> Sequences:
     """The same sequences with one trailing EOS removed from each response that has one."""
-    responses = [r[:-1] if r and r[-1] == eos_id and len(r) > 1 else r for r in seqs.responses]
+    responses = [r[:-1] if len(r) > 1 and r[-1] == eos_id else r for r in seqs.responses]
     return Sequences(seqs.prompts, responses, seqs.group, seqs.fields)
 
 
@@ -67,7 +67,7 @@ class DiscriminatorWorker:
     def scores(self, seqs: Sequences) -> np.ndarray | None:
         """One score per sequence; identical sequences are scored once and share the score."""
         seqs = self._prepare(seqs)
-        keys = [tuple(p) + (-1,) + tuple(r) for p, r in zip(seqs.prompts, seqs.responses)]
+        keys = [(p.tobytes(), r.tobytes()) for p, r in zip(seqs.prompts, seqs.responses)]
         first: dict[tuple, int] = {}  # key -> position among the unique sequences
         index: list[int] = []  # unique position -> first sequence with that key
         for i, k in enumerate(keys):
@@ -152,7 +152,8 @@ def _pairs(rows: torch.Tensor, mb: MicroBatch, seqs: Sequences):
             continue
         tr = teacher_row[seqs.group[i]]
         ti = index[tr]
-        identical = seqs.responses[i] == seqs.responses[ti] and seqs.prompts[i] == seqs.prompts[ti]
+        identical = (np.array_equal(seqs.responses[i], seqs.responses[ti])
+                     and np.array_equal(seqs.prompts[i], seqs.prompts[ti]))
         t_list.append(rows[tr])
         s_list.append(rows[tr] if identical else rows[row])
         same.append(identical)

@@ -18,12 +18,21 @@ import torch
 from gad_megatron.models.forward import MicroBatch, Packing
 
 
+def as_token_ids(tokens) -> np.ndarray:
+    """Token ids as the 1-D int32 array a Sequences holds (no copy when already one)."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
+        return tokens
+    return np.asarray(tokens, dtype=np.int32).reshape(-1)
+
+
 @dataclass
 class Sequences:
-    """N (prompt, response) token sequences plus per-sequence fields."""
+    """N (prompt, response) token sequences plus per-sequence fields. Token ids are int32
+    arrays (lists are converted on construction): a shard then crosses to a Ray worker as
+    buffers, not as millions of pickled Python ints."""
 
-    prompts: list[list[int]]
-    responses: list[list[int]]
+    prompts: list[np.ndarray]
+    responses: list[np.ndarray]
     group: list[int] = field(default_factory=list)
     """Prompt-group id of each sequence (GRPO groups, BT pairing, DP splits keep groups)."""
     fields: dict[str, Any] = field(default_factory=dict)
@@ -35,6 +44,8 @@ class Sequences:
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.responses):
             raise ValueError("prompts and responses differ in length")
+        self.prompts = [as_token_ids(p) for p in self.prompts]
+        self.responses = [as_token_ids(r) for r in self.responses]
         if not self.group:
             self.group = list(range(len(self.prompts)))
         for name, values in self.fields.items():
@@ -126,8 +137,8 @@ def to_micro_batch(seqs: Sequences, index: list[int], pad_id: int) -> MicroBatch
     valid, resp = _row_masks(seqs, index)
     tokens = torch.full(valid.shape, pad_id, dtype=torch.long)
     for row, i in enumerate(index):
-        ids = seqs.prompts[i] + seqs.responses[i]
-        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        ids = np.concatenate([seqs.prompts[i], seqs.responses[i]])
+        tokens[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
     targets = torch.full_like(tokens, pad_id)
     targets[:, :-1] = tokens[:, 1:]
     return MicroBatch(tokens, valid, {"resp_mask": resp, "targets": targets,
@@ -142,7 +153,7 @@ def to_packed_micro_batch(seqs: Sequences, index: list[int], pad_id: int,
     (pad at each sequence's last position); 'resp_mask' and `valid` are in the row layout, as
     in `to_micro_batch`, and `packing.gather` maps rows to packed positions."""
     valid, resp = _row_masks(seqs, index)
-    ids = [seqs.prompts[i] + seqs.responses[i] for i in index]
+    ids = [np.concatenate([seqs.prompts[i], seqs.responses[i]]) for i in index]
     lengths = [len(x) for x in ids]
     total = sum(lengths)
     tail = -total % align
