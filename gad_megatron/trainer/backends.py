@@ -3,24 +3,11 @@ without Ray, or CPU tests) or as Ray worker groups ("ray")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
 from gad_megatron.config import ConfigError, GADConfig
-from gad_megatron.trainer.roles import InlineGroup, Ready, Role
+from gad_megatron.trainer.roles import InlineGroup, Ready, Role, Roles
 from gad_megatron.trainer.setup import RunInputs
 from gad_megatron.workers.discriminator import DiscriminatorWorker
 from gad_megatron.workers.policy import ActorWorker, ReferenceWorker
-
-
-@dataclass
-class Roles:
-    actor: Role
-    rollout: Any
-    disc: Role | None
-    ref: Role | None
-    shutdown: Callable[[], None]
-    monitor: Role | None = None
 
 
 class LocalRollout:

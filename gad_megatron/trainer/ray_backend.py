@@ -9,8 +9,7 @@ no bucket travels through Ray's object store.
 from __future__ import annotations
 
 from gad_megatron.config import GADConfig
-from gad_megatron.trainer.backends import Roles
-from gad_megatron.trainer.roles import Role
+from gad_megatron.trainer.roles import Role, Roles
 from gad_megatron.trainer.setup import RunInputs
 from gad_megatron.workers.discriminator import DiscriminatorWorker
 from gad_megatron.workers.policy import ActorWorker, ReferenceWorker

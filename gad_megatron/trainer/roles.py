@@ -9,7 +9,8 @@ process: GPU runs without Ray, and single-rank tests).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -148,6 +149,19 @@ class Role:
                 v = float(np.asarray(v))
                 merged[k] = v if k in GLOBAL_METRICS else merged.get(k, 0.0) + v
         return merged
+
+
+@dataclass
+class Roles:
+    """The started roles of a run, as a backend hands them to the controller."""
+
+    actor: Role
+    rollout: Any
+    """The engine: `generate`, `start_generate`, `sync_from(actor)`."""
+    disc: Role | None
+    ref: Role | None
+    shutdown: Callable[[], None]
+    monitor: Role | None = None
 
 
 class PendingMap:

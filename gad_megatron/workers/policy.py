@@ -25,7 +25,8 @@ def _position_tensor(values: list, mb: MicroBatch, dtype=torch.float32) -> torch
     mask = mb.extra["resp_mask"]
     out = torch.zeros(mask.shape, dtype=dtype)
     for row, i in enumerate(mb.extra["index"]):
-        out[row][mask[row]] = torch.as_tensor(values[i], dtype=dtype)
+        # A copy: arrays that came through Ray's object store are read-only views.
+        out[row][mask[row]] = torch.tensor(values[i], dtype=dtype)
     return out.to(mb.tokens.device)
 
 
