@@ -47,6 +47,9 @@ def test_yaml_then_key_value_overrides_are_typed(tmp_path):
     (["actor.parallel.tp=0"], "actor.parallel.tp: must be >= 1, got 0"),
     (["actor.policy_loss=dpo"], "actor.policy_loss: 'dpo' is not one of ['gspo', 'ppo']"),
     (["trainsteps"], "override 'trainsteps' is not of the form key=value"),
+    (["rollout.max_staleness=2"], "rollout.max_staleness: must be in [0, 1], got 2"),
+    (["rollout.max_staleness=1", "run.colocate=true"],
+     "rollout.max_staleness=1 overlaps generation with training, but run.colocate=true"),
 ])
 def test_bad_settings_are_refused_with_one_message(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -140,6 +140,7 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("RolloutConfig", "temperature"): POSITIVE,
     ("RolloutConfig", "top_p"): UNIT_OPEN_LOW,
     ("RolloutConfig", "gpu_memory_utilization"): UNIT_OPEN_LOW,
+    ("RolloutConfig", "max_staleness"): Range(0, hi=1),  # 0 on-policy, 1 one step behind
     ("TrackingConfig", "experiment"): NonEmpty(),
     **{("TrackingConfig", k): AT_LEAST_0 for k in ("samples_every", "plots_every", "retry_s",
                                                     "http_max_retries", "length_ratio_min")},
