@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +17,14 @@ import torch
 from gad_megatron import algorithms as alg
 from gad_megatron.config.schema import GADConfig
 from gad_megatron.workers.sequences import Sequences, as_token_ids, prompt_minibatches
+
+
+class Prefetch(NamedTuple):
+    """A generation begun for `step` while the engine had weights of `version`."""
+
+    step: int
+    version: int
+    pending: Any  # .result() -> Generation
 
 
 @dataclass
@@ -37,9 +45,8 @@ class StepContext:
     """The next step's batch, when there is one (the loader's peek)."""
     policy_version: int = 0
     """Weight syncs to the engine so far: the version of the weights it samples from."""
-    prefetched: Any = None
-    """(step, policy version at its start, pending generation) begun a step early
-    (rollout.max_staleness=1)."""
+    prefetched: "Prefetch | None" = None
+    """The next step's generation, begun a step early (rollout.max_staleness=1)."""
     last_pairs: Any = None
     """(teacher, samples, teacher scores, sample scores) of the latest scoring, for reports."""
 
@@ -75,21 +82,18 @@ def sample(ctx: StepContext, batch, step: int) -> tuple[Sequences, int]:
     during the previous step (from the weights before its update), and this step's end
     begins the next step's, so the engine generates while the trainer trains."""
     with ctx.phase("rollout"):
-        early = ctx.prefetched
-        ctx.prefetched = None
-        if early is not None and early[0] == step:
-            version, pending = early[1], early[2]
-        else:  # on-policy, the first step, or after a resume: generate now
-            version, pending = ctx.policy_version, _start_generation(ctx, batch, step)
-        gen = pending.result()
+        early, ctx.prefetched = ctx.prefetched, None
+        if early is None or early.step != step:  # on-policy, the first step, after a resume
+            early = Prefetch(step, ctx.policy_version, _start_generation(ctx, batch, step))
+        gen = early.pending.result()
         if ctx.cfg.rollout.max_staleness and ctx.upcoming is not None:
-            ctx.prefetched = (step + 1, ctx.policy_version,
-                              _start_generation(ctx, ctx.upcoming(), step + 1))
+            ctx.prefetched = Prefetch(step + 1, ctx.policy_version,
+                                      _start_generation(ctx, ctx.upcoming(), step + 1))
     engine_lp = [np.asarray(lp, dtype=np.float32) for lp in gen.logprobs]
     ids = [as_token_ids(p) for p in batch.prompt_ids]  # one array per prompt, shared
     samples = Sequences([ids[g] for g in gen.group_index], gen.responses,
                         list(gen.group_index), {"engine_logprobs": engine_lp})
-    return samples, ctx.policy_version - version
+    return samples, ctx.policy_version - early.version
 
 
 def bt_pairs(teacher: Sequences, samples: Sequences) -> Sequences:
