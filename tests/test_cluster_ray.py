@@ -259,3 +259,17 @@ def test_two_roles_started_together_run_at_the_same_time(ray_local):
     finally:
         for g in groups:
             g.shutdown()
+
+
+def test_an_argument_shared_by_ranks_is_put_into_the_object_store_once(ray_local):
+    """A DP replica's shard given to its TP ranks travels as one object-store reference;
+    an argument of one rank, and small values, travel as they are."""
+    import ray
+
+    from gad_megatron.cluster.group import _put_shared
+
+    shard, alone = [1, 2, 3], [4]
+    out = _put_shared([(shard, 0.5), (shard, 0.5), (alone, 0.5)])
+    assert isinstance(out[0][0], ray.ObjectRef) and out[0][0] is out[1][0]
+    assert out[2][0] is alone and [args[1] for args in out] == [0.5, 0.5, 0.5]
+    assert ray.get(out[0][0]) == shard
