@@ -8,8 +8,8 @@
   lists, every rank's arguments serialised separately (emulated: each shard is turned into
   that form first, and the time of turning it is left out); 'after': int32/float32 arrays
   (workers/sequences.py), one copy per DP replica shared by its TP/PP ranks
-  (cluster/group.py). Worker-side deserialisation is not counted: it runs in parallel on
-  the workers.
+  (cluster/group.py). Worker-side work (deserialising arguments, serialising results) is
+  not counted: it runs in parallel on the workers.
 - packing: one actor forward+backward over variable-length sequences of the embedded
   default's model shape, padded micro-batches vs packed (THD), real tokens per second.
 """
@@ -60,9 +60,12 @@ class _SerializingGroup:
                 continue  # the replica's shard was put once; its other ranks get the ref
             seen.add(id(args[0]))
             self.bytes += _serialize(args if self.share else self._as_lists(args))
-        out = self.answers[method]
-        # Results come back pickled by the workers; the controller unpickles each.
-        return [pickle.loads(out(args[0])) for args in args_per_rank]
+        # Results come back pickled by the workers (their work: not timed); the controller
+        # unpickles each.
+        start = time.perf_counter()
+        blobs = [self.answers[method](args[0]) for args in args_per_rank]
+        self.left_out += time.perf_counter() - start
+        return [pickle.loads(b) for b in blobs]
 
     def wait(self, handles: list, call: str | None = None) -> list:
         return handles

@@ -1,10 +1,11 @@
 """Sequences as the workers receive them, and their packing into Megatron micro-batches.
 
-A `Sequences` is what crosses process boundaries (plain lists, cheap to pickle). Workers turn
-it into `MicroBatch`es under a token budget: packed (the default, `perf.packing`: sequences end
-to end, no padding token enters the model) or right-padded. Sequence i is
-`prompt_i + response_i`; the model at position t predicts token t+1, so response token k of a
-sequence is scored at position `len(prompt) - 1 + k` of its row.
+A `Sequences` is what crosses process boundaries (token ids and per-token values as numpy
+arrays, whose buffers Ray passes without pickling each number). Workers turn it into
+`MicroBatch`es under a token budget: packed (the default, `perf.packing`: sequences end to
+end, no padding token enters the model) or right-padded. Sequence i is
+`prompt_i + response_i`; the model at position t predicts token t+1, so response token k of
+a sequence is scored at position `len(prompt) - 1 + k` of its row.
 """
 
 from __future__ import annotations
