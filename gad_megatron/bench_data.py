@@ -105,8 +105,10 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
     groups = [_SerializingGroup(par.world_size, per_token, share=arrays) for _ in range(3)]
     actor, ref, disc = (Role(name, g, par) for name, g in zip(("actor", "ref", "disc"), groups))
 
+    n = len(responses) // len(prompt_ids)
+
     class _Batch:  # what the loader hands the step
-        teacher_ids = [np.asarray(r[:512]) for r in responses[:: 8]]
+        teacher_ids = [np.asarray(r[:512]) for r in responses[::n]]
 
     _Batch.prompt_ids = prompt_ids
     engine_lp = [rng.standard_normal(len(r)).tolist() for r in responses]  # as engines give
@@ -134,7 +136,8 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
 
 def bench_movement(repeats: int = 2) -> None:
     batch = paper_batch()
-    seqs, toks = len(batch[1]), sum(len(p) for p in batch[0]) * 8 + sum(map(len, batch[1]))
+    n = len(batch[1]) // len(batch[0])
+    seqs, toks = len(batch[1]), sum(len(p) for p in batch[0]) * n + sum(map(len, batch[1]))
     runs = {}
     for label, arrays in (("before", False), ("after", True)):
         results = [controller_side(*batch, arrays=arrays) for _ in range(repeats)]
