@@ -10,8 +10,8 @@
   (workers/sequences.py), one copy per DP replica shared by its TP/PP ranks
   (cluster/group.py). Worker-side work (deserialising arguments, serialising results) is
   not counted: it runs in parallel on the workers.
-- packing: one actor forward+backward over variable-length sequences of the embedded
-  default's model shape, padded micro-batches vs packed (THD), real tokens per second.
+- packing: one actor forward+backward over variable-length sequences of a small Qwen2
+  shape (PACK_MODEL), padded micro-batches vs packed (THD), real tokens per second.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class _SerializingGroup:
     """A role's ranks as the controller sees them through Ray, for measuring only: each
     call serialises its arguments like Ray and answers with prepared results."""
 
-    def __init__(self, world: int, answers: dict, share: bool):
-        self.world, self.answers, self.share = world, answers, share
+    def __init__(self, answers: dict, share: bool):
+        self.answers, self.share = answers, share
         self.bytes, self.left_out = 0, 0.0
 
     def _as_lists(self, args: tuple) -> tuple:
@@ -102,7 +102,7 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
         "scores": lambda s: pickle.dumps(rng.standard_normal(len(s)).astype(np.float32)),
         "policy_step": lambda s: pickle.dumps({"pg_loss": 0.0}),
         "bt_step": lambda s: pickle.dumps({"d_loss": 0.0})}
-    groups = [_SerializingGroup(par.world_size, per_token, share=arrays) for _ in range(3)]
+    groups = [_SerializingGroup(per_token, share=arrays) for _ in range(3)]
     actor, ref, disc = (Role(name, g, par) for name, g in zip(("actor", "ref", "disc"), groups))
 
     n = len(responses) // len(prompt_ids)

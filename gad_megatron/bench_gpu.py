@@ -28,6 +28,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from gad_megatron.bench_gpu_paths import local_spec_ok
+
 CHECKS = ("te", "sglang", "logprobs", "varlen", "mfu", "sync", "throughput", "parity")
 
 # Qwen2.5-1.5B's shape (its config.json), random weights: the MFU check's model.
@@ -192,7 +194,7 @@ def _varlen_rank(rank: int, world: int):
     init_distributed(ParallelLayout())  # one rank: the padding cost is the same per stage
     arch = parse_hf_config({**SYNC_MODEL, "max_position_embeddings": 4096})
     model = build_gpt(arch, 1, 1, BuildOptions(dtype=torch.bfloat16,
-                                               perf=_local_ok())).cuda()
+                                               perf=local_spec_ok())).cuda()
     lengths = [4096, 256, 256, 512, 128, 128, 1024, 64]  # one long answer, many short
 
     def batches(pad: bool):
@@ -251,7 +253,7 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
     dev = device()
     arch = parse_hf_config(cfg)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = build_gpt(arch, 1, 1, BuildOptions(dtype=dtype, perf=_local_ok())).to(dev)
+    model = build_gpt(arch, 1, 1, BuildOptions(dtype=dtype, perf=local_spec_ok())).to(dev)
     te = any(type(m).__module__.startswith("transformer_engine") for m in model.modules())
     spec = "TE" if te else "local"
     ddp, optimizer, scheduler = wrap_for_training(model, OptimConfig(lr=1e-6))
@@ -321,12 +323,6 @@ def check_parity(args) -> Result:
 
     passed, summary = run_parity()
     return Result("parity", "ok" if passed else "FAIL", f"pytest -m gpu: {summary}")
-
-
-def _local_ok():
-    from gad_megatron.bench_gpu_paths import _local_ok as local_ok
-
-    return local_ok()
 
 
 RUNNERS = {"te": check_te, "sglang": check_sglang, "logprobs": check_logprobs,

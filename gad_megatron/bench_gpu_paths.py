@@ -59,7 +59,7 @@ def sync_rank(rank: int, world: int, cfg: dict, bucket_mb: int, repeats: int):
     arch = parse_hf_config(cfg)
     # Values do not matter for bandwidth: skip the (CPU-side) random init of 1.5B weights.
     model = build_gpt(arch, 1, 1, BuildOptions(dtype=torch.bfloat16, init_weights=False,
-                                               perf=_local_ok())).cuda()
+                                               perf=local_spec_ok())).cuda()
     engine = HFEngine(cfg, dtype=torch.bfloat16, device="cuda")
     dst = [p.detach() for p in engine.model.parameters()]
     src = [torch.empty_like(p) for p in dst]
@@ -89,7 +89,7 @@ def throughput_rank(rank: int, world: int, cfg: dict, lengths: list[int], budget
 
     init_distributed(ParallelLayout())
     arch = parse_hf_config(cfg)
-    opts = BuildOptions(dtype=torch.bfloat16, init_weights=False, perf=_local_ok())
+    opts = BuildOptions(dtype=torch.bfloat16, init_weights=False, perf=local_spec_ok())
     rng = np.random.default_rng(0)
     seqs = Sequences([rng.integers(0, arch.vocab_size, 64).tolist() for _ in lengths],
                      [rng.integers(0, arch.vocab_size, n - 64).tolist() for n in lengths])
@@ -121,7 +121,7 @@ def run_parity(timeout_s: int = 240) -> tuple[bool, str]:
     return proc.returncode == 0, (lines[-1] if lines else proc.stderr[-300:])
 
 
-def _local_ok():
+def local_spec_ok():
     from gad_megatron.models.perf import PerfConfig
 
     return PerfConfig(allow_local_spec=True)  # the measurement is about shapes, any spec

@@ -179,7 +179,7 @@ def discriminator_rank(rank, model_dir):
     from gad_megatron.models.discriminator import build_discriminator, load_student_weights
     from gad_megatron.models.forward import model_inputs
     from gad_megatron.models.hf_config import read_hf_config
-    from gad_megatron.workers.discriminator import _row_scores
+    from gad_megatron.models.discriminator import micro_batch_scores
     from gad_megatron.workers.sequences import micro_batches
 
     arch = read_hf_config(model_dir)
@@ -191,7 +191,7 @@ def discriminator_rank(rank, model_dir):
         model.zero_grad()
         scores = []
         for mb in micro_batches(_seqs(), budget, pad_id=0, packed=packed):
-            rows = _row_scores(model(**model_inputs(mb)), mb)
+            rows = micro_batch_scores(model(**model_inputs(mb)), mb)
             # Sequence i weighs i + 1: the same total loss in both layouts, any chunking.
             weight = torch.tensor([i + 1.0 for i in mb.extra["index"]])
             (rows * weight).sum().backward()

@@ -190,7 +190,8 @@ def mark_tensor_parallel(model) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _causal(seq_len: int) -> torch.Tensor:
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """[T, T] bool, True above the diagonal (future keys masked); cached per length."""
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)
 
 
@@ -199,5 +200,5 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
 
     Causal, and pad keys masked, so a right-padded row's valid tokens never see padding.
     """
-    causal = _causal(valid.shape[1]).to(valid.device)
+    causal = causal_mask(valid.shape[1]).to(valid.device)
     return causal[None, None] | ~valid.bool()[:, None, None, :]

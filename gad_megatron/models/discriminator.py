@@ -72,10 +72,15 @@ def _sync_head_over_tp(head: ScalarHead) -> None:
 
 
 def score_micro_batches(model, micro_batches) -> list[torch.Tensor]:
-    """Sequence scores [B] per micro-batch (right-padded), on the last pipeline stage."""
+    """Sequence scores [N] per micro-batch (padded or packed), on the last pipeline stage."""
     from gad_megatron.models.forward import run_schedule
 
-    return run_schedule(model, micro_batches, lambda out, mb: last_valid_scores(mb.rows(out), mb.valid))
+    return run_schedule(model, micro_batches, micro_batch_scores)
+
+
+def micro_batch_scores(out: torch.Tensor, mb) -> torch.Tensor:
+    """[N] sequence scores of a micro-batch (padded or packed) from the head's output."""
+    return last_valid_scores(mb.rows(out), mb.valid)
 
 
 def load_student_weights(model, arch: HFArch, hf_dir) -> None:

@@ -8,7 +8,8 @@ Two micro-batch layouts enter the model:
 - packed (`MicroBatch.packing`): tokens [1, T], the sequences laid end to end with no padding,
   and Megatron's THD `PackedSeqParams` (cu_seqlens): TE's attention keeps each sequence to
   itself and RoPE restarts at each sequence start. The local (CPU) spec gets the same
-  PackedSeqParams and builds the equivalent block-diagonal mask (models/packed_attention.py).
+  PackedSeqParams and applies the equivalent block-diagonal causal mask, sequence by
+  sequence (models/packed_attention.py).
 Losses never see the layout: `MicroBatch.rows` turns per-position model outputs into the
 padded [sequences, longest] layout (values are per-token scalars: the copy is tiny).
 """

@@ -18,10 +18,7 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 
-
-def _causal(length: int, device) -> torch.Tensor:
-    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device),
-                      diagonal=1)[None, None]
+from gad_megatron.models.builder import causal_mask
 
 
 class PackedDotProductAttention(MegatronModule):
@@ -46,7 +43,8 @@ class PackedDotProductAttention(MegatronModule):
                              f"{query.shape[0]}")
         # Megatron squeezed the dummy batch dimension of THD input: [T, heads, dim].
         outs = [self.inner(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-                           _causal(len(q), q.device), attn_mask_type=attn_mask_type,
+                           causal_mask(len(q)).to(q.device)[None, None],
+                           attn_mask_type=attn_mask_type,
                            attention_bias=attention_bias)  # [L_i, 1, heads * dim]
                 for q, k, v in zip(query.split(lengths), key.split(lengths),
                                    value.split(lengths))]

@@ -236,7 +236,7 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
     if cfg.discriminator.update_in_gad:  # False: D frozen after warmup (ablation)
         metrics.update(update_discriminator(ctx, teacher, samples))
     # As arrays: the policy update's shards then travel as buffers (Sequences.fields).
-    samples.fields.update(advantage=adv.numpy().astype(np.float32), old_logprobs=old,
+    samples.fields.update(advantage=adv.numpy(), old_logprobs=old,
                           ref_logprobs=ref)
     with ctx.phase("g_update"):
         # ppo_epochs passes over the same samples, each in mini-batches of prompts (one

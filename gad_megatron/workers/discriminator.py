@@ -10,11 +10,10 @@ from gad_megatron import algorithms as alg
 from gad_megatron.config.schema import DiscriminatorConfig
 from gad_megatron.models.builder import BuildOptions
 from gad_megatron.models.discriminator import (
-    HEAD_PREFIX, build_discriminator, last_valid_scores)
+    HEAD_PREFIX, build_discriminator, micro_batch_scores)
 from gad_megatron.models.forward import MicroBatch, run_schedule
-from gad_megatron.models.perf import pack_align
 from gad_megatron.workers import common
-from gad_megatron.workers.sequences import Sequences, micro_batches
+from gad_megatron.workers.sequences import Sequences, role_micro_batches
 
 
 def strip_trailing_eos(seqs: Sequences, eos_id: int) -> Sequences:
@@ -55,13 +54,8 @@ class DiscriminatorWorker:
         return seqs if self.cfg.score_eos else strip_trailing_eos(seqs, self.eos_id)
 
     def _batches(self, seqs: Sequences, keep_groups: bool) -> list[MicroBatch]:
-        from gad_megatron.parallel.dist import device
-
-        perf = self.cfg.perf
-        mbs = micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id,
-                            keep_groups=keep_groups, packed=perf.packing,
-                            align=pack_align(perf, self.cfg.parallel.tp))
-        return [mb.to(device()) for mb in mbs]
+        return role_micro_batches(seqs, self.cfg.micro_batch_tokens, self.pad_id,
+                                  self.cfg.perf, self.cfg.parallel.tp, keep_groups)
 
     @torch.no_grad()
     def scores(self, seqs: Sequences) -> np.ndarray | None:
@@ -76,7 +70,7 @@ class DiscriminatorWorker:
                 index.append(i)
         self.model.eval()
         outs = run_schedule(self.model, self._batches(seqs.take(index), False),
-                            lambda o, mb: _row_scores(o, mb))
+                            micro_batch_scores)
         if not common.is_output_rank():
             return None
         uniq_scores = np.concatenate([o.cpu().numpy() for o in outs])
@@ -92,7 +86,7 @@ class DiscriminatorWorker:
         self.model.train()
 
         def loss_fn(out, mb):
-            rows = _row_scores(out, mb)  # [B]
+            rows = micro_batch_scores(out, mb)  # [B]
             t, s, same = _pairs(rows, mb, seqs)
             n = t.shape[0]
             loss = (bt_loss(cfg, t, s) if n else rows.sum() * 0.0) * (n / global_pairs)
@@ -129,10 +123,6 @@ def bt_loss(cfg: DiscriminatorConfig, t: torch.Tensor, s: torch.Tensor) -> torch
         t, s, temperature=cfg.bt_temperature, margin=cfg.bt_margin,
         normalize=cfg.normalize_scores, normalize_eps=cfg.normalize_eps, adaptive=adaptive,
         reg_weight=cfg.score_reg_weight, reg_threshold=cfg.score_reg_threshold)
-
-
-def _row_scores(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-    return last_valid_scores(mb.rows(out), mb.valid)
 
 
 def _pairs(rows: torch.Tensor, mb: MicroBatch, seqs: Sequences):

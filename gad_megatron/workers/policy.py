@@ -15,9 +15,9 @@ from gad_megatron.config.schema import ActorConfig, ReferenceConfig
 from gad_megatron.models.builder import BuildOptions, build_gpt
 from gad_megatron.models.forward import MicroBatch, run_schedule
 from gad_megatron.models.logprobs import vocab_parallel_logprobs
-from gad_megatron.models.perf import PerfConfig, pack_align
+from gad_megatron.models.perf import PerfConfig
 from gad_megatron.workers import common
-from gad_megatron.workers.sequences import Sequences, micro_batches, per_sequence
+from gad_megatron.workers.sequences import Sequences, per_sequence, role_micro_batches
 
 
 def _position_tensor(values: list, mb: MicroBatch, dtype=torch.float32) -> torch.Tensor:
@@ -51,11 +51,7 @@ class PolicyModel:
         common.load_into(self.model, source)
 
     def batches(self, seqs: Sequences) -> list[MicroBatch]:
-        from gad_megatron.parallel.dist import device
-
-        mbs = micro_batches(seqs, self.budget, self.pad_id, packed=self.perf.packing,
-                            align=pack_align(self.perf, self.parallel.tp))
-        return [mb.to(device()) for mb in mbs]
+        return role_micro_batches(seqs, self.budget, self.pad_id, self.perf, self.parallel.tp)
 
     def token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float,
                        with_entropy: bool = False):

@@ -193,6 +193,18 @@ def micro_batches(seqs: Sequences, token_budget: int, pad_id: int,
     return [to_micro_batch(seqs, c, pad_id) for c in chunks]
 
 
+def role_micro_batches(seqs: Sequences, token_budget: int, pad_id: int, perf, tp: int,
+                       keep_groups: bool = False) -> list[MicroBatch]:
+    """`micro_batches` in the layout a role's `perf` asks for (packed, aligned for sequence
+    parallelism at TP size `tp`), on this rank's device."""
+    from gad_megatron.models.perf import pack_align
+    from gad_megatron.parallel.dist import device
+
+    mbs = micro_batches(seqs, token_budget, pad_id, keep_groups=keep_groups,
+                        packed=perf.packing, align=pack_align(perf, tp))
+    return [mb.to(device()) for mb in mbs]
+
+
 def per_sequence(values: torch.Tensor, mb: MicroBatch) -> list[np.ndarray]:
     """Split row-layout [N, L] position values (`MicroBatch.rows`) into per-sequence response
     arrays."""
