@@ -185,3 +185,19 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(
     assert not list(root.glob(".*partial")), "a partial save was left behind"
     record("a full disk (4 MiB tmpfs) during a checkpoint save", msg, secs,
            f"the steps after {latest.name}; the partial save is removed")
+
+
+def test_a_full_disk_is_recognised_by_errno_by_text_or_by_free_space(tmp_path):
+    """Each way a full disk reaches the save names the device's free space; an error that is
+    not a full disk (plenty of room, no ENOSPC) is left alone."""
+    import errno
+
+    from gad_megatron.trainer.checkpoints import _disk_full
+    root = tmp_path / "run" / "checkpoints"  # not made yet: the free space of tmp_path counts
+    by_errno = RuntimeError("writer failed")
+    by_errno.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    for exc in (by_errno, RuntimeError("[Errno 28] No space left on device: 'x.distcp'")):
+        why = _disk_full(exc, root)
+        assert why.startswith("No space left on device; ") and "MiB free on the device" in why
+    # no checkpoint yet: 1 MiB is the need, and this tmp dir has more than that free
+    assert _disk_full(RuntimeError("unexpected pos 1234"), root) is None

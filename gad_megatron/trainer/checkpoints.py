@@ -160,25 +160,29 @@ def save_checkpoint(roles, run_dir: Path, step: int, keep_last: int, hf_dir: str
 
 
 def _disk_full(exc: BaseException, root: Path) -> str | None:
-    """Why a failed save looks like a full disk (None when it does not). ENOSPC does not
-    always survive: torch.save's zip writer reports a short write as 'unexpected pos', and
-    Ray or torch.distributed.checkpoint pass errors on as text. So the device is asked too:
-    less free space than the last complete checkpoint took is a full disk."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return "No space left on device"
-        seen = seen.__cause__ or seen.__context__
-    if "No space left on device" in str(exc):
-        return "No space left on device"
+    """Why a failed save looks like a full disk (None when it does not), with the device's
+    free space beside it. ENOSPC does not always survive: torch.save's zip writer reports a
+    short write as 'unexpected pos', and Ray or torch.distributed.checkpoint pass errors on
+    as text. So the device is asked too: less free space than the last complete checkpoint
+    took is a full disk."""
     where = next(p for p in (root, *root.parents) if p.exists())
     free = shutil.disk_usage(where).free
     done = complete_checkpoints(root.parent)
     need = _size(done[-1]) if done else 1 << 20
-    if free < need:
-        return (f"{free / 2**20:.1f} MiB free on the device, the last checkpoint took "
-                f"{need / 2**20:.1f} MiB")
-    return None
+    space = (f"{free / 2**20:.1f} MiB free on the device, the last checkpoint took "
+             f"{need / 2**20:.1f} MiB")
+    if _says_enospc(exc):
+        return f"No space left on device; {space}"
+    return space if free < need else None
+
+
+def _says_enospc(exc: BaseException) -> bool:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "No space left on device" in str(exc)
 
 
 def _size(ckpt: Path) -> int:
