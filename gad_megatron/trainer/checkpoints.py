@@ -177,6 +177,7 @@ def _disk_full(exc: BaseException, root: Path) -> str | None:
 
 
 def _says_enospc(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the error's cause chain, or in its text."""
     seen = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
