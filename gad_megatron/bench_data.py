@@ -91,9 +91,10 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
 
     from gad_megatron import algorithms as alg
     from gad_megatron.config.schema import ParallelConfig
+    from gad_megatron.rollout.base import Generation
     from gad_megatron.trainer.roles import Role
-    from gad_megatron.trainer.steps import bt_pairs, teacher_sequences
-    from gad_megatron.workers.sequences import Sequences, as_token_ids, prompt_minibatches
+    from gad_megatron.trainer.steps import bt_pairs, generated_sequences, teacher_sequences
+    from gad_megatron.workers.sequences import prompt_minibatches
 
     par = ParallelConfig(tp=TP, pp=1, dp=DP)
     rng = np.random.default_rng(1)
@@ -111,14 +112,13 @@ def controller_side(prompt_ids, responses, group, arrays: bool) -> tuple[float, 
         teacher_ids = [np.asarray(r[:512]) for r in responses[::n]]
 
     _Batch.prompt_ids = prompt_ids
-    engine_lp = [rng.standard_normal(len(r)).tolist() for r in responses]  # as engines give
+    gen = Generation(responses=responses,  # lists, as the engines give them
+                     logprobs=[rng.standard_normal(len(r)).tolist() for r in responses],
+                     group_index=list(group), finished=[True] * len(responses))
     start = time.perf_counter()
     # What steps.sample does with the engine's lists (both variants: the "before" shards
     # are turned back into lists when sent, untimed).
-    ids = [as_token_ids(p) for p in prompt_ids]
-    engine_lp = [np.asarray(x, np.float32) for x in engine_lp]
-    samples = Sequences([ids[g] for g in group], responses, list(group),
-                        {"engine_logprobs": engine_lp})
+    samples = generated_sequences(_Batch, gen)
     teacher = teacher_sequences(_Batch)
     old = actor.map_sequences("logprobs", samples, 1.0)
     ref_lp = ref.map_sequences("logprobs", samples, 1.0)
@@ -160,22 +160,21 @@ PACK_MODEL = {  # a small Qwen2 shape: MLP and attention both matter at these le
 
 def _packing_rank(rank: int, world: int, model_dir: str, lengths: list[int], budget: int,
                   iters: int) -> dict:
+    from gad_megatron.bench_gpu_paths import random_sequences
     from gad_megatron.checkpoint.hf_io import load_hf_weights
     from gad_megatron.models.builder import build_gpt
     from gad_megatron.models.forward import model_inputs
     from gad_megatron.models.hf_config import read_hf_config
     from gad_megatron.models.logprobs import vocab_parallel_logprobs
     from gad_megatron.parallel.dist import ParallelLayout, init_distributed, shutdown
-    from gad_megatron.workers.sequences import Sequences, micro_batches
+    from gad_megatron.workers.sequences import micro_batches
 
     init_distributed(ParallelLayout())
     try:
         arch = read_hf_config(model_dir)
         model = build_gpt(arch, 1, 1)
         load_hf_weights(model, arch, model_dir)
-        rng = np.random.default_rng(0)
-        seqs = Sequences([rng.integers(0, arch.vocab_size, 16).tolist() for _ in lengths],
-                         [rng.integers(0, arch.vocab_size, n - 16).tolist() for n in lengths])
+        seqs = random_sequences(lengths, arch.vocab_size, prompt_len=16)
         out = {}
         for packed in (False, True):
             mbs = micro_batches(seqs, budget, pad_id=0, packed=packed)

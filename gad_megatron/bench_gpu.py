@@ -239,16 +239,14 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
 
     import torch
 
-    import numpy as np
-
-    from gad_megatron.bench_gpu_paths import packed_lengths
+    from gad_megatron.bench_gpu_paths import packed_lengths, random_sequences
     from gad_megatron.flops import train_flops
     from gad_megatron.models.builder import BuildOptions, build_gpt
     from gad_megatron.models.hf_config import parse_hf_config
     from gad_megatron.models.logprobs import vocab_parallel_logprobs
     from gad_megatron.models.optim import OptimConfig, train_step, wrap_for_training
     from gad_megatron.parallel.dist import device
-    from gad_megatron.workers.sequences import Sequences, to_packed_micro_batch
+    from gad_megatron.workers.sequences import to_packed_micro_batch
 
     dev = device()
     arch = parse_hf_config(cfg)
@@ -258,9 +256,7 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
     spec = "TE" if te else "local"
     ddp, optimizer, scheduler = wrap_for_training(model, OptimConfig(lr=1e-6))
     lengths = packed_lengths(rows * seq, seq)
-    rng = np.random.default_rng(0)
-    seqs = Sequences([rng.integers(0, arch.vocab_size, 1).tolist() for _ in lengths],
-                     [rng.integers(0, arch.vocab_size, n - 1).tolist() for n in lengths])
+    seqs = random_sequences(lengths, arch.vocab_size, prompt_len=1)
     mb = to_packed_micro_batch(seqs, list(range(len(lengths))), pad_id=0).to(dev)
 
     def loss_fn(output, batch):

@@ -8,7 +8,8 @@
   packed micro-batches of mixed lengths, tokens per second.
 - parity: the GPU parity tests (`make test-gpu`: pytest -m gpu), their summary line.
 
-`packed_lengths` also gives the MFU check its mixed-length packed batch.
+`packed_lengths` and `random_sequences` also give the MFU check (and bench_data's packing
+section) their mixed-length batches.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def packed_lengths(total: int, seq: int, seed: int = 0) -> list[int]:
         lengths.pop()
         lengths[-1] += total - sum(lengths)
     return lengths
+
+
+def random_sequences(lengths: list[int], vocab: int, prompt_len: int, seed: int = 0):
+    """Sequences of the given total lengths, each a `prompt_len`-token prompt and the rest
+    response, with uniform random token ids (the benches' synthetic batches)."""
+    from gad_megatron.workers.sequences import Sequences
+
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, prompt_len) for _ in lengths]
+    return Sequences(prompts, [rng.integers(0, vocab, n - prompt_len) for n in lengths])
 
 
 def _sync(fn) -> float:
@@ -85,14 +96,12 @@ def throughput_rank(rank: int, world: int, cfg: dict, lengths: list[int], budget
     from gad_megatron.models.hf_config import parse_hf_config
     from gad_megatron.models.logprobs import vocab_parallel_logprobs
     from gad_megatron.parallel.dist import ParallelLayout, init_distributed
-    from gad_megatron.workers.sequences import Sequences, micro_batches, per_sequence
+    from gad_megatron.workers.sequences import micro_batches, per_sequence
 
     init_distributed(ParallelLayout())
     arch = parse_hf_config(cfg)
     opts = BuildOptions(dtype=torch.bfloat16, init_weights=False, perf=local_spec_ok())
-    rng = np.random.default_rng(0)
-    seqs = Sequences([rng.integers(0, arch.vocab_size, 64).tolist() for _ in lengths],
-                     [rng.integers(0, arch.vocab_size, n - 64).tolist() for n in lengths])
+    seqs = random_sequences(lengths, arch.vocab_size, prompt_len=64)
     mbs = [mb.to("cuda") for mb in micro_batches(seqs, budget, pad_id=0, packed=True)]
     out = {}
     policy = build_gpt(arch, 1, 1, opts).cuda().eval()

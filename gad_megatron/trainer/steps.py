@@ -89,11 +89,16 @@ def sample(ctx: StepContext, batch, step: int) -> tuple[Sequences, int]:
         if ctx.cfg.rollout.max_staleness and ctx.upcoming is not None:
             ctx.prefetched = Prefetch(step + 1, ctx.policy_version,
                                       _start_generation(ctx, ctx.upcoming(), step + 1))
+    return generated_sequences(batch, gen), ctx.policy_version - early.version
+
+
+def generated_sequences(batch, gen) -> Sequences:
+    """An engine's `Generation` for `batch` as Sequences: grouped by prompt, each prompt's
+    ids one array shared by its samples, the engine's log-probs as float32 arrays."""
     engine_lp = [np.asarray(lp, dtype=np.float32) for lp in gen.logprobs]
-    ids = [as_token_ids(p) for p in batch.prompt_ids]  # one array per prompt, shared
-    samples = Sequences([ids[g] for g in gen.group_index], gen.responses,
-                        list(gen.group_index), {"engine_logprobs": engine_lp})
-    return samples, ctx.policy_version - early.version
+    ids = [as_token_ids(p) for p in batch.prompt_ids]
+    return Sequences([ids[g] for g in gen.group_index], gen.responses,
+                     list(gen.group_index), {"engine_logprobs": engine_lp})
 
 
 def bt_pairs(teacher: Sequences, samples: Sequences) -> Sequences:
@@ -236,8 +241,7 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
     if cfg.discriminator.update_in_gad:  # False: D frozen after warmup (ablation)
         metrics.update(update_discriminator(ctx, teacher, samples))
     # As arrays: the policy update's shards then travel as buffers (Sequences.fields).
-    samples.fields.update(advantage=adv.numpy(), old_logprobs=old,
-                          ref_logprobs=ref)
+    samples.fields.update(advantage=adv.numpy(), old_logprobs=old, ref_logprobs=ref)
     with ctx.phase("g_update"):
         # ppo_epochs passes over the same samples, each in mini-batches of prompts (one
         # optimizer step each, normalised over its own mini-batch). After the first step the
