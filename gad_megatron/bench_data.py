@@ -165,7 +165,7 @@ def _packing_rank(rank: int, world: int, model_dir: str, lengths: list[int], bud
     from gad_megatron.models.builder import build_gpt
     from gad_megatron.models.forward import model_inputs
     from gad_megatron.models.hf_config import read_hf_config
-    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.logprobs import micro_batch_logprobs
     from gad_megatron.parallel.dist import ParallelLayout, init_distributed, shutdown
     from gad_megatron.workers.sequences import micro_batches
 
@@ -183,8 +183,7 @@ def _packing_rank(rank: int, world: int, model_dir: str, lengths: list[int], bud
                 start = time.perf_counter()
                 for mb in mbs:
                     logits = model(**model_inputs(mb))
-                    logp = vocab_parallel_logprobs(logits, mb.extra["targets"], arch.vocab_size)
-                    mb.rows(logp).sum().backward()
+                    micro_batch_logprobs(logits, mb, arch.vocab_size).sum().backward()
                 times.append(time.perf_counter() - start)
             fed = sum(mb.tokens.numel() for mb in mbs)
             out["packed" if packed else "padded"] = (statistics.median(times[1:]), fed, len(mbs))

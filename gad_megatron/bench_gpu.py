@@ -243,7 +243,7 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
     from gad_megatron.flops import train_flops
     from gad_megatron.models.builder import BuildOptions, build_gpt
     from gad_megatron.models.hf_config import parse_hf_config
-    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.logprobs import micro_batch_logprobs
     from gad_megatron.models.optim import OptimConfig, train_step, wrap_for_training
     from gad_megatron.parallel.dist import device
     from gad_megatron.workers.sequences import to_packed_micro_batch
@@ -260,8 +260,7 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
     mb = to_packed_micro_batch(seqs, list(range(len(lengths))), pad_id=0).to(dev)
 
     def loss_fn(output, batch):
-        lp = batch.rows(vocab_parallel_logprobs(output, batch.extra["targets"],
-                                                arch.vocab_size))
+        lp = micro_batch_logprobs(output, batch, arch.vocab_size)
         mask = batch.valid
         return (-(lp * mask).sum() / mask.sum(), mask.sum(),
                 {"loss": -(lp * mask).sum().detach() / mask.sum()})

@@ -94,7 +94,7 @@ def throughput_rank(rank: int, world: int, cfg: dict, lengths: list[int], budget
     from gad_megatron.models.discriminator import build_discriminator, score_micro_batches
     from gad_megatron.models.forward import run_schedule
     from gad_megatron.models.hf_config import parse_hf_config
-    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.logprobs import micro_batch_logprobs
     from gad_megatron.parallel.dist import ParallelLayout, init_distributed
     from gad_megatron.workers.sequences import micro_batches, per_sequence
 
@@ -107,8 +107,8 @@ def throughput_rank(rank: int, world: int, cfg: dict, lengths: list[int], budget
     policy = build_gpt(arch, 1, 1, opts).cuda().eval()
     with torch.no_grad():
         def logprobs():
-            run_schedule(policy, mbs, lambda o, mb: per_sequence(mb.rows(
-                vocab_parallel_logprobs(o, mb.extra["targets"], arch.vocab_size)), mb))
+            run_schedule(policy, mbs, lambda o, mb: per_sequence(
+                micro_batch_logprobs(o, mb, arch.vocab_size), mb))
         logprobs()  # warm-up
         out["logprobs"] = statistics.median(_sync(logprobs) for _ in range(3))
         del policy

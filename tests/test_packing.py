@@ -110,14 +110,14 @@ def test_packed_budget_counts_real_tokens():
 def _logp_and_grads(model, arch, mbs):
     """Row-layout response log-probs per sequence, and the parameter gradients of their sum."""
     from gad_megatron.models.forward import model_inputs
-    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.logprobs import micro_batch_logprobs
     from gad_megatron.workers.sequences import per_sequence
 
     model.zero_grad()
     out = []
     for mb in mbs:
         logits = model(**model_inputs(mb))
-        logp = mb.rows(vocab_parallel_logprobs(logits, mb.extra["targets"], arch.vocab_size))
+        logp = micro_batch_logprobs(logits, mb, arch.vocab_size)
         mask = mb.extra["resp_mask"]
         torch.where(mask, logp, torch.zeros_like(logp)).sum().backward()
         out += per_sequence(logp, mb)
@@ -218,7 +218,7 @@ def schedule_rank(rank, model_dir, packed):
     from gad_megatron.models.builder import build_gpt
     from gad_megatron.models.forward import run_schedule
     from gad_megatron.models.hf_config import read_hf_config
-    from gad_megatron.models.logprobs import vocab_parallel_logprobs
+    from gad_megatron.models.logprobs import micro_batch_logprobs
     from gad_megatron.workers.sequences import micro_batches, per_sequence
 
     arch = read_hf_config(model_dir)
@@ -227,8 +227,8 @@ def schedule_rank(rank, model_dir, packed):
     model.eval()
     mbs = micro_batches(_seqs(), 12 if packed else 64, pad_id=0, packed=packed)
     with torch.no_grad():
-        outs = run_schedule(model, mbs, lambda o, mb: per_sequence(mb.rows(
-            vocab_parallel_logprobs(o, mb.extra["targets"], arch.vocab_size)), mb))
+        outs = run_schedule(model, mbs, lambda o, mb: per_sequence(
+            micro_batch_logprobs(o, mb, arch.vocab_size), mb))
     return [a for chunk in outs for a in chunk] if ps.is_pipeline_last_stage() else None
 
 

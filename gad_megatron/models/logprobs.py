@@ -124,3 +124,12 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     logp, ent = _VocabParallelLogprobs.apply(logits, targets, vocab_size, temperature,
                                              with_entropy, chunk_tokens)
     return (logp, ent) if with_entropy else logp
+
+
+def micro_batch_logprobs(logits: torch.Tensor, mb, vocab_size: int | None,
+                         temperature: float = 1.0, with_entropy: bool = False):
+    """`vocab_parallel_logprobs` of a micro-batch (padded or packed, models/forward.py),
+    against its own targets, in the row layout [N, L] (`MicroBatch.rows`)."""
+    out = vocab_parallel_logprobs(logits, mb.extra["targets"], vocab_size, temperature,
+                                  with_entropy)
+    return tuple(mb.rows(x) for x in out) if with_entropy else mb.rows(out)

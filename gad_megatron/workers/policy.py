@@ -14,7 +14,7 @@ from gad_megatron import algorithms as alg
 from gad_megatron.config.schema import ActorConfig, ReferenceConfig
 from gad_megatron.models.builder import BuildOptions, build_gpt
 from gad_megatron.models.forward import MicroBatch, run_schedule
-from gad_megatron.models.logprobs import vocab_parallel_logprobs
+from gad_megatron.models.logprobs import micro_batch_logprobs
 from gad_megatron.models.perf import PerfConfig
 from gad_megatron.workers import common
 from gad_megatron.workers.sequences import Sequences, per_sequence, role_micro_batches
@@ -56,9 +56,8 @@ class PolicyModel:
     def token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float,
                        with_entropy: bool = False):
         """Next-token log-probs (and entropies) in the row layout [N, L] of `mb`."""
-        out = vocab_parallel_logprobs(logits, mb.extra["targets"], self.arch.vocab_size,
-                                      temperature, with_entropy)
-        return tuple(mb.rows(x) for x in out) if with_entropy else mb.rows(out)
+        return micro_batch_logprobs(logits, mb, self.arch.vocab_size, temperature,
+                                    with_entropy)
 
     @torch.no_grad()
     def logprobs(self, seqs: Sequences, temperature: float = 1.0) -> list[np.ndarray] | None:
