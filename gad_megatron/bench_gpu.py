@@ -261,9 +261,9 @@ def measure_update(cfg: dict, rows: int, seq: int, iters: int) -> tuple[int, flo
 
     def loss_fn(output, batch):
         lp = micro_batch_logprobs(output, batch, arch.vocab_size)
-        mask = batch.valid
-        return (-(lp * mask).sum() / mask.sum(), mask.sum(),
-                {"loss": -(lp * mask).sum().detach() / mask.sum()})
+        tokens = batch.valid.sum()
+        loss = -(lp * batch.valid).sum() / tokens
+        return loss, tokens, {"loss": loss.detach()}
 
     def sync():
         if dev.type == "cuda":
