@@ -3,6 +3,7 @@
 discriminator: Bradley-Terry loss, over-confidence remedies, D metrics.
 policy:        GRPO advantages, PPO/GSPO policy loss, SFT loss, KL estimates.
 aggregate:     masked loss reduction with a global (micro-batch x DP) normaliser.
+oracle:        D's scores against a task's acceptance test (measurement only).
 """
 
 from gad_megatron.algorithms.aggregate import AGG_MODES, aggregate, aggregate_normalizer
@@ -14,6 +15,7 @@ from gad_megatron.algorithms.discriminator import (
     normalize_scores,
     score_regularizer,
 )
+from gad_megatron.algorithms.oracle import oracle_auc, oracle_metrics, teacher_vs_accepted_gap
 from gad_megatron.algorithms.policy import (
     KL_KINDS,
     POLICY_LOSS_KINDS,
@@ -36,7 +38,10 @@ __all__ = [
     "grpo_advantages",
     "kl_estimate",
     "normalize_scores",
+    "oracle_auc",
+    "oracle_metrics",
     "policy_loss",
     "score_regularizer",
     "sft_loss",
+    "teacher_vs_accepted_gap",
 ]

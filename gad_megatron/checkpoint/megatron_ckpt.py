@@ -160,14 +160,19 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> tuple[dict, HFArch]:
     return meta, arch
 
 
-def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
-    """Collective: load a checkpoint into this rank's shard, whatever (tp, pp) wrote it."""
+def load_model_checkpoint(model, ckpt_dir: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Collective: load a checkpoint into this rank's shard, whatever (tp, pp) wrote it.
+    Parameters whose names start with a `skip` prefix keep their values (a discriminator's
+    fresh head over a student's backbone)."""
     from megatron.core import dist_checkpointing
 
     read_checkpoint_meta(ckpt_dir)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / "model"))
+    wanted = {k: v for k, v in model.sharded_state_dict().items()
+              if not (skip and k.startswith(skip))}
+    state = dist_checkpointing.load(wanted, str(Path(ckpt_dir) / "model"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing
+               if not k.endswith("_extra_state") and not (skip and k.startswith(skip))]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_dir}: state mismatch; missing {missing[:5]}, "
                               f"unexpected {list(unexpected)[:5]}")

@@ -8,7 +8,7 @@ from gad_megatron.config.loader import (
     ConfigError, build, flatten, merge, parse_overrides, read_yaml, to_dict)
 from gad_megatron.config.schema import (
     ActorConfig, DiscriminatorConfig, GADConfig, ModelConfig, ParallelConfig, ReferenceConfig,
-    RolloutConfig, RunConfig, Stage, TrainConfig)
+    RewardConfig, RolloutConfig, RunConfig, Stage, TrainConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> GADConfig:
@@ -55,6 +55,7 @@ def check_against_model(cfg: GADConfig, arch) -> None:
 
 __all__ = [
     "ActorConfig", "ConfigError", "DiscriminatorConfig", "GADConfig", "ModelConfig",
-    "ParallelConfig", "ReferenceConfig", "RolloutConfig", "RunConfig", "Stage", "TrainConfig",
+    "ParallelConfig", "ReferenceConfig", "RewardConfig", "RolloutConfig", "RunConfig", "Stage",
+    "TrainConfig",
     "check_against_model", "flatten", "load_config", "to_dict",
 ]

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gad_megatron.config.schema import AGG_MODES, ENGINES, KL_KINDS, POLICY_LOSSES
+from gad_megatron.config.schema import (
+    AGG_MODES, ENGINES, JUDGED_TASKS, KL_KINDS, POLICY_LOSSES, REWARD_SOURCES)
 from gad_megatron.data.config import BAD_ROW_POLICIES, FORMATS, LENGTH_POLICIES, TEMPLATES
 from gad_megatron.models.optim import DECAY_STYLES
 from gad_megatron.models.perf import RECOMPUTE
@@ -88,7 +89,8 @@ UNIT, UNIT_OPEN_LOW, BETA = Range(0, hi=1), Range(0, True, 1), Range(0, hi=1, hi
 RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("RunConfig", "num_cpus"): AT_LEAST_0,
     ("RunConfig", "worker_timeout_s"): POSITIVE,
-    **{("TrainConfig", k): AT_LEAST_0 for k in ("steps", "d_only_steps", "save_every")},
+    **{("TrainConfig", k): AT_LEAST_0 for k in ("steps", "d_only_steps", "save_every",
+                                                 "gad_d_only_steps")},
     **{("TrainConfig", k): AT_LEAST_1 for k in ("epochs", "prompts_per_step", "keep_last",
                                                  "max_skipped_steps")},
     ("ModelConfig", "dtype"): Choice(("float32", "bfloat16", "float16")),
@@ -134,6 +136,10 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("DiscriminatorConfig", "bt_margin"): AT_LEAST_0,
     ("DiscriminatorConfig", "score_reg_weight"): AT_LEAST_0,
     ("DiscriminatorConfig", "score_reg_threshold"): AT_LEAST_0,
+    ("DiscriminatorConfig", "updates_per_step"): AT_LEAST_1,
+    ("DiscriminatorConfig", "negatives_per_kind"): AT_LEAST_1,
+    ("RewardConfig", "source"): Choice(REWARD_SOURCES),
+    ("RewardConfig", "task"): Choice(JUDGED_TASKS),
     ("ReferenceConfig", "micro_batch_tokens"): AT_LEAST_1,
     ("RolloutConfig", "engine"): Choice(ENGINES),
     **{("RolloutConfig", k): AT_LEAST_1 for k in ("tp", "n", "max_new_tokens", "bucket_mb")},

@@ -22,6 +22,11 @@ ENGINE_PACKAGES = {"hf": "transformers", "vllm": "vllm", "sglang": "sglang"}
 POLICY_LOSSES = ("gspo", "ppo")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "abs", "k2", "k3", "low_var_kl")
+REWARD_SOURCES = ("discriminator", "task")
+JUDGED_TASKS = ("", "styles")
+"""Built-in tasks with an acceptance test (data/task_judge.py); '' for none."""
+NEGATIVE_KINDS = ("splice", "truncate", "swap", "mismatch")
+"""Teacher-text negatives for D (data/negatives.py)."""
 
 
 class Stage(str, enum.Enum):
@@ -157,6 +162,23 @@ class DiscriminatorConfig:
     update_in_gad: bool = True
     """gad stage: train D by BT every step (the paper). False freezes D at the warmup's
     weights (the paper's off-policy-discriminator ablation, which gets reward-hacked)."""
+    updates_per_step: int = 1
+    """BT passes over each step's pairs (each pass takes its mini-batches' optimizer
+    steps), in warmup and gad: a D that learns faster than G moves, at no extra rollout."""
+    negatives: tuple[str, ...] = ()
+    """Extra negatives for the BT update made from teacher text alone (data/negatives.py):
+    any of 'splice' (head of one teacher answer to the prompt, tail of another), 'truncate',
+    'swap' (two spans exchanged), 'mismatch' (the teacher's answer to another prompt of the
+    batch). Each pairs with the prompt's teacher answer like a student sample; they enter
+    D's update only, never G's reward or the d/ metrics of the step's samples. (): none,
+    the paper's update."""
+    negatives_per_kind: int = 1
+    """Negatives of each kind per prompt and step."""
+    init_from_actor: bool = False
+    """gad stage: D's backbone starts from the student's weights in train.init_from (the
+    warmed-up student: the paper's D is the student's own backbone) with a fresh head,
+    instead of from the warmup's D. Pair it with train.gad_d_only_steps, so that the fresh
+    head is trained before its scores become rewards."""
 
     def __post_init__(self) -> None:
         if self.bt_temperature <= 0:
@@ -165,6 +187,12 @@ class DiscriminatorConfig:
             raise ValueError("micro_batch_tokens must be >= 1 and head_init_std > 0")
         if self.normalize_eps <= 0 or self.adaptive_temp_scale < 0:
             raise ValueError("normalize_eps must be > 0 and adaptive_temp_scale >= 0")
+        unknown = [k for k in self.negatives if k not in NEGATIVE_KINDS]
+        if unknown or len(set(self.negatives)) != len(self.negatives):
+            raise ValueError(f"negatives must be distinct kinds from {list(NEGATIVE_KINDS)}, "
+                             f"got {list(self.negatives)}")
+        if self.updates_per_step < 1 or self.negatives_per_kind < 1:
+            raise ValueError("updates_per_step and negatives_per_kind must be >= 1")
         if not 0 < self.adaptive_temp_min <= self.adaptive_temp_max:
             raise ValueError(f"need 0 < adaptive_temp_min <= adaptive_temp_max, got "
                              f"{self.adaptive_temp_min} and {self.adaptive_temp_max}")
@@ -263,6 +291,10 @@ class TrainConfig:
     """A role's update is skipped (weights unchanged, counted in */skipped_steps) when a loss
     or gradient is not finite; after this many consecutive skips the run stops, naming the
     role and the quantity. 1 stops at the first."""
+    gad_d_only_steps: int = 0
+    """gad: steps at the start in which only D is trained (the step's samples are drawn and
+    scored, D takes its BT update, G is not updated); for a D that starts fresh
+    (discriminator.init_from_actor). 0: G learns from the first step (the paper)."""
     frozen_d_monitor: bool = False
     """gad: also score each step's samples with a frozen copy of the starting discriminator
     (for measurement only: a reward that rises under a fixed D means G is learning)."""
@@ -277,6 +309,29 @@ class TrainConfig:
             raise ValueError(f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite=true discards checkpoints and needs resume=false")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Where the gad stage's reward comes from, and the task test that measures D."""
+
+    source: str = "discriminator"
+    """'discriminator': D's score before its update this step (GAD). 'task': the verdict of
+    reward.task's acceptance test, 1 accepted / 0 rejected: an upper bound for the RL side
+    (same GRPO update, a reward that is right), not distillation, since a black-box teacher
+    has no such test. D is still scored and updated, for its figures."""
+    task: str = ""
+    """A built-in task with an acceptance test ('styles'), or '' for none. When set, every
+    warmup and gad step judges its training rollouts with it and logs task/accept_rate,
+    d/oracle_auc (D's AUC for accepted vs rejected samples) and d/teacher_vs_accepted_gap;
+    measurement only unless source='task'."""
+
+    def __post_init__(self) -> None:
+        _one_of("source", self.source, REWARD_SOURCES)
+        _one_of("task", self.task, JUDGED_TASKS)
+        if self.source == "task" and not self.task:
+            raise ValueError("reward.source=task needs reward.task (e.g. styles): the "
+                             "acceptance test that gives the reward")
 
 
 @dataclass(frozen=True)
@@ -314,6 +369,7 @@ class GADConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -330,6 +386,9 @@ class GADConfig:
             raise ValueError("rollout.max_staleness=1 overlaps generation with training, but "
                              "run.colocate=true puts the engine on the trainer's devices "
                              "(it sleeps while they train); set run.colocate=false")
+        if self.train.gad_d_only_steps and not self.discriminator.update_in_gad:
+            raise ValueError("train.gad_d_only_steps trains D alone, but "
+                             "discriminator.update_in_gad=false freezes it")
         if self.train.stage == Stage.GAD and self.rollout.n < 2:
             raise ValueError(f"rollout.n must be >= 2 in the gad stage (GRPO normalises over "
                              f"each prompt's samples), got {self.rollout.n}")

@@ -91,6 +91,16 @@ def valid_items(prompt: str) -> set[str] | None:
     return None
 
 
+def task_prompt(text: str) -> str | None:
+    """The task prompt inside a rendered prompt (chat template or Alpaca wrapper around it),
+    or None when `text` holds none."""
+    for _, pattern in _PROMPTS:
+        m = pattern.search(text)
+        if m:
+            return m.group(0)
+    return None
+
+
 # The teacher ----------------------------------------------------------------------------------
 def render(style: str, items: list[str]) -> str:
     """One answer in `style` giving `items` (1 to 3): lead-in, then the body."""

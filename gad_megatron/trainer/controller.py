@@ -13,7 +13,7 @@ from gad_megatron.data.batching import Lookahead
 from gad_megatron.trainer.checkpoints import (
     check_fresh_start, find_resume, restore, save_checkpoint, write_atomic)
 from gad_megatron.trainer.safety import SkipGuard, StopSignals
-from gad_megatron.trainer.setup import build_loader, resolve_inputs
+from gad_megatron.trainer.setup import build_loader, resolve_inputs, step_aids
 from gad_megatron.trainer.steps import STEPS, StepContext, add_throughput
 
 
@@ -63,7 +63,8 @@ def train(cfg: GADConfig, backend: str = "ray",
                            previous_config=previous)
     roles = start_roles(cfg, inputs, total, backend)
     ctx = StepContext(cfg, roles.actor, roles.rollout, roles.disc, roles.ref,
-                      roles.monitor, inputs.pad_id, inputs.eos_id)
+                      roles.monitor, inputs.pad_id, inputs.eos_id,
+                      **step_aids(cfg, inputs, loader.loader.dataset))
     loop = _Loop(cfg, run_dir, roles, ctx, loader, inputs.hf_dir, observer, on_step)
     ok = False
     try:

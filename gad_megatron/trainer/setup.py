@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,12 +131,16 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
         elif cfg.train.stage == Stage.GAD:
             raise ConfigError(f"train.init_from={cfg.train.init_from!r}: checkpoint {ckpt} has "
                               "no discriminator (a seqkd run?); gad needs a warmup run")
+    monitor = disc  # the frozen-D monitor is always the warmup's D
+    if cfg.train.stage == Stage.GAD and cfg.discriminator.init_from_actor:
+        # The warmed-up student's backbone; the worker keeps its fresh head.
+        disc = dataclasses.replace(actor, backbone_only=True)
     return RunInputs(
         hf_dir=str(hf_dir), arch_config=arch_config, tokenizer=tokenizer,
         pad_id=pad_id(tokenizer), eos_id=eos_id(tokenizer, cfg.data.eos_token), actor=actor,
         discriminator=None if cfg.train.stage == Stage.SEQKD else disc,
         reference=actor if cfg.train.stage == Stage.GAD else None,
-        monitor=disc if cfg.train.stage == Stage.GAD and cfg.train.frozen_d_monitor else None)
+        monitor=monitor if cfg.train.stage == Stage.GAD and cfg.train.frozen_d_monitor else None)
 
 
 def build_loader(cfg: GADConfig, tokenizer, report_dir: str | Path | None = None):
@@ -156,3 +161,16 @@ def build_loader(cfg: GADConfig, tokenizer, report_dir: str | Path | None = None
             (Path(report_dir) / "data_report.json").write_text(
                 json.dumps(dataset.stats.to_dict(), indent=2))
     return GroupLoader.from_config(dataset, data)
+
+
+def step_aids(cfg: GADConfig, inputs: RunInputs, dataset) -> dict[str, Any]:
+    """What the steps use besides the roles: reward.task's acceptance test (`judge`) and,
+    for 'splice' negatives, every teacher answer by prompt (`teacher_pool`); None when the
+    config asks for neither. Keyword arguments of StepContext."""
+    from gad_megatron.data.negatives import TeacherPool
+    from gad_megatron.data.task_judge import TaskJudge
+
+    judge = TaskJudge(cfg.reward.task, inputs.tokenizer, inputs.eos_id) if cfg.reward.task \
+        else None
+    pool = TeacherPool(dataset) if "splice" in cfg.discriminator.negatives else None
+    return {"judge": judge, "teacher_pool": pool}

@@ -49,6 +49,10 @@ class StepContext:
     """The next step's generation, begun a step early (rollout.max_staleness=1)."""
     last_pairs: Any = None
     """(teacher, samples, teacher scores, sample scores) of the latest scoring, for reports."""
+    judge: Any = None
+    """reward.task's acceptance test (data/task_judge.TaskJudge), or None."""
+    teacher_pool: Any = None
+    """Every teacher answer by prompt (data/negatives.TeacherPool), for 'splice' negatives."""
 
     @contextmanager
     def phase(self, name: str):
@@ -135,6 +139,19 @@ def score(ctx: StepContext, teacher: Sequences, samples: Sequences, started=None
     return t, s, {f"d/{k}": v for k, v in metrics.items()}
 
 
+def judge_samples(ctx: StepContext, teacher_scores, samples: Sequences, sample_scores):
+    """The task test's verdict on each sample ([N] bool, or None without reward.task) and
+    how D's scores agree with it (algorithms.oracle; undefined figures are left out)."""
+    if ctx.judge is None:
+        return None, {}
+    accepted = ctx.judge(samples.prompts, samples.responses)
+    figures = alg.oracle_metrics(torch.from_numpy(np.asarray(teacher_scores)),
+                                 torch.from_numpy(np.asarray(sample_scores)),
+                                 torch.from_numpy(accepted))
+    rate = figures.pop("accept_rate")
+    return accepted, {"task/accept_rate": rate, **{f"d/{k}": v for k, v in figures.items()}}
+
+
 def mean_metrics(per_step: list[dict]) -> dict:
     """Each metric's mean over the optimizer steps of one batch, and how many steps ran."""
     keys = {k for m in per_step for k in m}
@@ -142,14 +159,39 @@ def mean_metrics(per_step: list[dict]) -> dict:
     return {**out, "optimizer_steps": len(per_step)} if out else {}
 
 
-def update_discriminator(ctx: StepContext, teacher: Sequences, samples: Sequences) -> dict:
-    """BT steps over mini-batches of prompts; each normalised by its own sample count."""
-    parts = prompt_minibatches(bt_pairs(teacher, samples),
-                               ctx.cfg.discriminator.mini_batch_prompts)
+def teacher_negatives(ctx: StepContext, teacher: Sequences, step: int) -> Sequences:
+    """discriminator.negatives made from this step's teacher answers (data/negatives.py),
+    seeded by the run's seed and the step; grouped like the samples of their prompt."""
+    from gad_megatron.data.negatives import make_negatives
+
+    d = ctx.cfg.discriminator
+    rng = np.random.default_rng([ctx.cfg.train.seed, step, 0x6E6567])
+    partners = None
+    if ctx.teacher_pool is not None:
+        partners = [ctx.teacher_pool.others(p, r)
+                    for p, r in zip(teacher.prompts, teacher.responses)]
+    responses, group = make_negatives(teacher.prompts, teacher.responses, d.negatives,
+                                      d.negatives_per_kind, rng, ctx.eos_id, partners)
+    return Sequences([teacher.prompts[g] for g in group], responses, group)
+
+
+def update_discriminator(ctx: StepContext, teacher: Sequences, samples: Sequences,
+                         step: int) -> dict:
+    """BT steps over mini-batches of prompts; each normalised by its own pair count. The
+    pairs: every sample, plus discriminator.negatives made from the teacher answers;
+    discriminator.updates_per_step passes over them."""
+    d = ctx.cfg.discriminator
+    extra = {}
+    if d.negatives:
+        negs = teacher_negatives(ctx, teacher, step)
+        extra["d/negatives"] = float(len(negs))
+        samples = Sequences(samples.prompts + negs.prompts, samples.responses + negs.responses,
+                            samples.group + negs.group)
+    parts = prompt_minibatches(bt_pairs(teacher, samples), d.mini_batch_prompts)
     with ctx.phase("d_update"):
         out = [ctx.disc.train("bt_step", p, sum(not t for t in p.fields["is_teacher"]))
-               for p in parts]
-    return {f"d/{k}": v for k, v in mean_metrics(out).items()}
+               for _ in range(d.updates_per_step) for p in parts]
+    return {**{f"d/{k}": v for k, v in mean_metrics(out).items()}, **extra}
 
 
 def sft_update(ctx: StepContext, teacher: Sequences) -> dict:
@@ -194,17 +236,25 @@ def add_throughput(metrics: dict) -> dict:
     return metrics
 
 
-def warmup_step(ctx: StepContext, batch, step: int) -> dict:
-    """D by BT every step; G by SFT on teacher answers once step >= d_only_steps."""
+def d_only_step(ctx: StepContext, batch, step: int) -> tuple[dict, Sequences, Sequences]:
+    """Samples, D's scores of them (metrics), D's BT update; G untouched. Also returns the
+    teacher and sample sequences for what the caller does next."""
     teacher = teacher_sequences(batch)
     samples, staleness = sample(ctx, batch, step)
-    _, _, metrics = score(ctx, teacher, samples)
+    t, s, metrics = score(ctx, teacher, samples)
+    metrics.update(judge_samples(ctx, t, samples, s)[1])
     metrics["rollout/staleness"] = float(staleness)
-    metrics.update(update_discriminator(ctx, teacher, samples))
+    metrics.update(update_discriminator(ctx, teacher, samples, step))
+    metrics.update(length_metrics(teacher, samples))
+    return metrics, teacher, samples
+
+
+def warmup_step(ctx: StepContext, batch, step: int) -> dict:
+    """D by BT every step; G by SFT on teacher answers once step >= d_only_steps."""
+    metrics, teacher, _ = d_only_step(ctx, batch, step)
     if step >= ctx.cfg.train.d_only_steps:
         metrics.update(sft_update(ctx, teacher))
         sync_rollout(ctx)
-    metrics.update(length_metrics(teacher, samples))
     return metrics
 
 
@@ -223,8 +273,11 @@ def _global_norm(samples: Sequences, agg: str) -> float:
 
 
 def gad_step(ctx: StepContext, batch, step: int) -> dict:
-    """G by the clipped policy loss with reward = D's pre-update score; D by BT."""
+    """G by the clipped policy loss with reward = D's pre-update score; D by BT. The first
+    train.gad_d_only_steps steps train D alone."""
     cfg = ctx.cfg
+    if step < cfg.train.gad_d_only_steps:
+        return d_only_step(ctx, batch, step)[0]
     teacher = teacher_sequences(batch)
     samples, staleness = sample(ctx, batch, step)
     with ctx.phase("logprobs"):
@@ -235,11 +288,14 @@ def gad_step(ctx: StepContext, batch, step: int) -> dict:
         scores_pending = start_scores(ctx, teacher, samples)
         old = ctx.actor.map_sequences("logprobs", samples, cfg.rollout.temperature)
         ref = ref_pending.result()
-    _, rewards, metrics = score(ctx, teacher, samples, scores_pending)
-    metrics["rollout/staleness"] = float(staleness)
+    t, d_scores, metrics = score(ctx, teacher, samples, scores_pending)
+    accepted, judged = judge_samples(ctx, t, samples, d_scores)
+    metrics.update(judged, **{"rollout/staleness": float(staleness)})
+    # reward.source=task: the acceptance test's verdict (the RL side's upper bound).
+    rewards = accepted.astype(np.float32) if cfg.reward.source == "task" else d_scores
     adv = alg.grpo_advantages(torch.from_numpy(rewards), torch.tensor(samples.group))
     if cfg.discriminator.update_in_gad:  # False: D frozen after warmup (ablation)
-        metrics.update(update_discriminator(ctx, teacher, samples))
+        metrics.update(update_discriminator(ctx, teacher, samples, step))
     # As arrays: the policy update's shards then travel as buffers (Sequences.fields).
     samples.fields.update(advantage=adv.numpy(), old_logprobs=old, ref_logprobs=ref)
     with ctx.phase("g_update"):

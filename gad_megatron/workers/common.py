@@ -24,6 +24,10 @@ class WeightsSource:
     arch_config: dict
     """The HF config.json of the architecture."""
     dtype: str = "float32"
+    backbone_only: bool = False
+    """A project checkpoint of which only the backbone is loaded (a student's weights under
+    a discriminator's fresh head): `load_into`'s skip prefixes then apply to it as they
+    always do to HF directories. False: a project checkpoint loads whole."""
 
     @property
     def is_megatron(self) -> bool:
@@ -51,7 +55,7 @@ def load_into(model, source: WeightsSource, skip: tuple[str, ...] = ()) -> None:
     if source.is_megatron:
         from gad_megatron.checkpoint.megatron_ckpt import load_model_checkpoint
 
-        load_model_checkpoint(model, source.path)
+        load_model_checkpoint(model, source.path, skip=skip if source.backbone_only else ())
     else:
         from gad_megatron.checkpoint.hf_io import load_hf_weights
 
