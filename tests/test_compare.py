@@ -7,14 +7,16 @@ from __future__ import annotations
 import math
 
 import gad_megatron.__main__ as cli
-from gad_megatron.trainer.compare import STUDIES, table, verdict
+from gad_megatron.trainer.compare import GOALS, LABEL, STUDIES, table, verdict
 
 
 def _seed(w: float, s: float, g: float) -> dict:
-    def arm(x):
-        return {split: {"accept_sampled": x, "accept_greedy": x, "rouge_l_sampled": 0.5}
-                for split in ("test", "ood")}
-    return {"warmup only": arm(w), "warmup+seqkd": arm(s), "warmup+gad": arm(g)}
+    def arm(x, auc=0.5):
+        out = {split: {"accept_sampled": x, "accept_greedy": x, "rouge_l_sampled": 0.5}
+               for split in ("test", "ood")}
+        return {**out, "train": {"oracle_auc": auc, "accept_rate": x}}
+    return {"warmup only": arm(w), "warmup+seqkd": arm(s, auc=None), "warmup+gad": arm(g),
+            "warmup+gad + levers": arm(g, auc=0.75), "warmup+RL on task reward": arm(g)}
 
 
 def test_table_and_verdict_by_hand():
@@ -23,6 +25,10 @@ def test_table_and_verdict_by_hand():
     # gad: mean 0.6, sample sd 0.1; seqkd: mean 0.3, sd 0.1; warmup: 0.1 +- 0
     assert "warmup+gad" in text and "0.600 ± 0.100" in text and "0.300 ± 0.100" in text
     assert "0.100 ± 0.000" in text
+    seqkd = next(line for line in text.splitlines() if line.startswith("warmup+seqkd"))
+    assert "–" in seqkd  # seqkd has no D: no oracle AUC
+    levers = next(line for line in text.splitlines() if line.startswith("warmup+gad + levers"))
+    assert "0.750 ± 0.000" in levers
     lines = verdict(seeds, "warmup+gad", "warmup+seqkd")
     assert len(lines) == 4 and all("+0.300; 2 sd = 0.200: met" in line for line in lines)
     close = [_seed(0.1, 0.2, 0.3), _seed(0.1, 0.3, 0.4), _seed(0.1, 0.4, 0.5)]
@@ -38,12 +44,22 @@ def test_compare_command_shortened(tmp_path, capsys):
     printed = capsys.readouterr().out
     block = (out / "compare.md").read_text().split("```")[1].strip()
     assert block in printed
-    rows = block.splitlines()[2:5]
-    assert [r[:28].strip() for r in rows] == ["warmup only", "warmup+seqkd", "warmup+gad"]
+    rows = block.splitlines()[2:7]
+    assert [r[:LABEL].strip() for r in rows] == [a.label for a in STUDIES["compare"]]
     for row in rows:
-        cells = row[28:].split()
-        means = [float(x) for x in cells[0::3]]
-        assert len(means) == 5 and all(0 <= m <= 1 and math.isfinite(m) for m in means), row
-    assert block.count("warmup+gad - warmup+seqkd") == 4
-    for run in ("warmup", "warmup-seqkd", "warmup-gad"):
+        cells = [c for c in row[LABEL:].split() if c != "±"]
+        evals = [float(x) for x in cells[0:10:2]]  # five evaluation means
+        assert all(0 <= m <= 1 and math.isfinite(m) for m in evals), row
+        assert (cells[-2] == "–") == row.startswith("warmup+seqkd"), row  # AUC: seqkd no D
+    for pair in GOALS["compare"]:
+        assert block.count(f"{pair[0]} - {pair[1]}") == 4
+    negatives = "negatives=splice+truncate+swap+mismatch"
+    for run in ("warmup", "warmup-seqkd", "warmup-gad", "warmup-gad-source=task",
+                f"warmup-{negatives}-gad-{negatives}"):
         assert (out / "seed0" / run / "checkpoints" / "latest").exists(), run
+    # The plot exists when some gad step had accepted and rejected samples (a few steps of a
+    # tiny model seldom do), and its code runs either way.
+    has_auc = any("d/oracle_auc" in line for run in (out / "seed0").iterdir()
+                  if "-gad" in run.name and (run / "metrics.jsonl").exists()
+                  for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert (out / "compare_oracle_auc.png").exists() == has_auc

@@ -397,3 +397,18 @@ def test_a_refused_run_is_kept_aside_and_not_retried(tmp_path, monkeypatch):
     rejected = (tmp_path / "r" / "mlflow_rejected.jsonl").read_text().splitlines()
     assert [json.loads(line)["record"]["op"] for line in rejected] == ["start"]
     assert Refusing.calls == 1 and not (tmp_path / "r" / SPOOL).exists()
+
+
+def test_experiments_are_marked_as_model_training(tmp_path):
+    """MLflow 3's UI opens an experiment without a kind on its GenAI view; ours carry the
+    training kind, including one an older version created untagged."""
+    from mlflow.tracking import MlflowClient
+
+    from gad_megatron.tracking.spool import EXPERIMENT_KIND, get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    new = get_or_create_experiment(client, "fresh", None)
+    old = client.create_experiment("older")  # untagged, as before this tag existed
+    assert get_or_create_experiment(client, "older", None) == old
+    for exp_id in (new, old):
+        assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]

@@ -11,7 +11,8 @@ def _compare(args: argparse.Namespace) -> int:
     budget = Budget(warmup_steps=args.warmup_steps, steps=args.steps, n_train=args.n_train,
                     n_eval=args.n_eval, n_samples=args.n_samples, backend=args.backend,
                     gad_config=args.gad_config)
-    text = run_study(args.out, args.study, tuple(args.seeds), budget, tuple(args.overrides))
+    text = run_study(args.out, args.study, tuple(args.seeds), budget, tuple(args.overrides),
+                     args.jobs)
     print(f"\nstyles task, study '{args.study}', seeds {args.seeds} (mean ± sd); acceptance = "
           f"share of answers the teacher's own test accepts\n\n{text}\n\n"
           f"written to {args.out}/{args.study}.md")
@@ -24,8 +25,9 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="seeded GAD vs SeqKD (and ablation) tables on the "
                                        "styles task")
     p.add_argument("--study", default="compare", choices=list(STUDIES),
-                   help="compare: warmup only / seqkd / gad; frozen-d, warmup, remedies: "
-                        "the ablations (default compare)")
+                   help="compare: warmup only / seqkd / gad / gad + levers / RL on the task's "
+                        "reward; levers: each D lever alone; frozen-d, warmup, remedies: the "
+                        "ablations (default compare)")
     p.add_argument("--out", default="runs/styles", help="job directory (finished runs in it "
                                                         "are reused)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -42,5 +44,8 @@ def register(sub) -> None:
                    help="config of the gad arms (default: the demo's, actor lr 3e-5; "
                         "configs/styles_gad.yaml: lr 1e-4)")
     p.add_argument("--backend", default="inline", choices=["inline", "ray"])
+    p.add_argument("--jobs", type=int, default=2,
+                   help="seeds trained at once, each a process with one thread (default 2: "
+                        "the 2-core machine; the figures do not depend on it)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     p.set_defaults(func=_compare)

@@ -17,13 +17,17 @@ def _demo(args: argparse.Namespace) -> int:
         Path(args.table_out).write_text(table + "\n")
     from pathlib import Path
 
-    from gad_megatron.tracking.tracker import find_run_id
+    from gad_megatron.tracking.tracker import find_run_id, runs_page
 
     print(f"\nheld-out prompts of the built-in task, greedy decoding; reports in {args.out}/eval/")
-    runs = ", ".join(f"{stage} {run_id}" for stage in ("warmup", "seqkd", "gad")
-                     if (run_id := find_run_id(Path(args.out) / stage)))
-    print(f"MLflow runs ({runs}) in sqlite:///{args.out}/mlflow.db; browse them with: "
-          f".venv/bin/mlflow ui --backend-store-uri sqlite:///{args.out}/mlflow.db")
+    ids = {stage: run_id for stage in ("warmup", "seqkd", "gad")
+           if (run_id := find_run_id(Path(args.out) / stage))}
+    store = f"sqlite:///{args.out}/mlflow.db"
+    runs = ", ".join(f"{stage} {run_id}" for stage, run_id in ids.items())
+    print(f"MLflow runs ({runs}) in {store}; browse them with: "
+          f".venv/bin/mlflow ui --backend-store-uri {store}")
+    if ids:
+        print(f"then open {runs_page(store, next(iter(ids.values())))}")
     return 0
 
 

@@ -12,6 +12,8 @@ PLOTS = (
     ("length", "response length: student vs teacher",
      ("g/response_len_mean", "g/teacher_len_mean"), ()),
     ("losses", "losses", ("d/d_loss", "g/sft_loss", "g/pg_loss"), ()),
+    ("oracle", "D vs the task's acceptance test (reward.task)",
+     ("d/oracle_auc", "task/accept_rate"), ()),
 )
 
 

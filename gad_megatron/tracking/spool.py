@@ -55,12 +55,20 @@ def is_remote(uri: str) -> bool:
     return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "uc")
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The tag that marks an experiment as model training (MLflow 3's UI otherwise opens an
+untagged experiment on its GenAI view: traces and prompts instead of runs and curves)."""
+
+
 def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags=dict([EXPERIMENT_KIND]))
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND[0] not in (exp.tags or {}):  # made by an older version, or by hand
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
 
 

@@ -45,6 +45,17 @@ def find_run_id(run_dir: str | Path) -> str | None:
     return text or None
 
 
+def runs_page(store_uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The `mlflow ui` address of a run's experiment on its training view (runs, metrics,
+    curves). MLflow 3's UI keeps the view it last showed per browser and opens GenAI
+    (traces) by default whatever the experiment's tags say; the `workflowType` parameter
+    selects the training view."""
+    from mlflow.tracking import MlflowClient
+
+    exp_id = MlflowClient(tracking_uri=store_uri).get_run(run_id).info.experiment_id
+    return f"{ui}/#/experiments/{exp_id}?workflowType=machine_learning"
+
+
 def default_uri(run_dir: str | Path) -> str:
     """The job's local SQLite store, `<run_dir>/../mlflow.db` (MLflow advises SQLite over its
     file store). Shared by the stages of a job (runs/x/warmup, runs/x/gad), so the gad run

@@ -2,14 +2,19 @@
 ablations, each arm trained from the same per-seed warmup for the same number of steps and
 evaluated by the teacher's acceptance test, in and out of distribution.
 
-    python -m gad_megatron compare [--study compare|frozen-d|warmup|remedies] [--seeds 0 1 2]
+    python -m gad_megatron compare [--study compare|levers|frozen-d|warmup|remedies]
+                                   [--seeds 0 1 2] [--jobs 2]
 
 The table shows mean ± sd (sample sd, n-1) over the seeds. A seed changes the student's
 initial weights, the data order and the sampling seeds; the task files are the same for all.
+Beside the evaluation's columns, two figures of each arm's own *training* rollouts (never an
+evaluation split): D's oracle AUC (accepted vs rejected samples, `algorithms.oracle`) and
+the share of samples the task accepts, each the mean over the arm's last steps.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,12 +36,34 @@ class Arm:
     """The warmup run it starts from: 'warmup' (the full warmup) or 'd_only' (only the
     warmup's D-only steps: the student is still its random initial self)."""
     overrides: tuple[str, ...] = ()
+    warmup_overrides: tuple[str, ...] = ()
+    """Overrides of the warmup it starts from (a D lever that acts during the warmup too);
+    arms with the same ones share that warmup."""
 
 
 _GAD = "configs/default_gad.yaml"
+TASK_REWARD = ("reward.source=task",)
+"""The RL side's upper bound: the same GRPO update with the task's own verdict as reward."""
+NEGATIVES = ("discriminator.negatives=splice,truncate,swap,mismatch",)
+D_FROM_STUDENT = ("discriminator.init_from_actor=true", "train.gad_d_only_steps=20")
+D_FASTER = ("discriminator.updates_per_step=2",)
+LEVERS = NEGATIVES
+"""The discriminator levers of the 'gad + levers' arm, chosen on training-split signals
+(docs/training.md); the negatives act in the warmup's D updates too."""
 STUDIES: dict[str, tuple[Arm, ...]] = {
     "compare": (Arm("warmup only", None), Arm("warmup+seqkd", "seqkd"),
-                Arm("warmup+gad", "gad", _GAD)),
+                Arm("warmup+gad", "gad", _GAD),
+                Arm("warmup+gad + levers", "gad", _GAD, overrides=LEVERS,
+                    warmup_overrides=LEVERS),
+                Arm("warmup+RL on task reward", "gad", _GAD, overrides=TASK_REWARD)),
+    "levers": (Arm("gad", "gad", _GAD),
+               Arm("gad + negatives", "gad", _GAD, overrides=NEGATIVES,
+                   warmup_overrides=NEGATIVES),
+               Arm("gad + D from student", "gad", _GAD, overrides=D_FROM_STUDENT),
+               Arm("gad + D(student) + negatives", "gad", _GAD,
+                   overrides=D_FROM_STUDENT + NEGATIVES),
+               Arm("gad + 2 D updates/step", "gad", _GAD, overrides=D_FASTER,
+                   warmup_overrides=D_FASTER)),
     "frozen-d": (Arm("gad, D updated", "gad", _GAD),
                  Arm("gad, D frozen", "gad", _GAD, overrides=("discriminator.update_in_gad=false",))),
     "warmup": (Arm("warmup+gad", "gad", _GAD), Arm("gad, no warmup", "gad", _GAD, base="d_only")),
@@ -50,6 +77,12 @@ COLUMNS = (("test", "accept_sampled", "accept@0.8 ID"), ("test", "accept_greedy"
            ("ood", "accept_sampled", "accept@0.8 OOD"), ("ood", "accept_greedy", "greedy OOD"),
            ("test", "rouge_l_sampled", "ROUGE-L ID"))
 """(split, metric, header) of each table column; acceptance first, ROUGE-L last."""
+TRAIN_COLUMNS = (("train", "oracle_auc", "D oracle AUC"), ("train", "accept_rate", "train accept"))
+"""Figures of the arm's own training rollouts (its metrics.jsonl), after the evaluation's."""
+LABEL = 30
+"""Width of the table's first column (the arm's label)."""
+TRAIN_WINDOW = 20
+"""The training columns are means over the arm's last this many steps."""
 
 
 @dataclass(frozen=True)
@@ -70,14 +103,28 @@ def _train(task: Path, out: Path, stage: str, config: str, steps: int, seed: int
            init_from: Path | None, overrides: list[str], backend: str) -> Path:
     from gad_megatron.trainer.controller import train
 
+    # reward.task: every warmup and gad step judges its rollouts (the training columns).
     extra = [f"run.out_dir={out}", f"train.stage={stage}", f"train.steps={steps}",
              f"train.seed={1234 + seed}", f"data.seed={1234 + seed}", "train.save_every=0",
              "tracking.enabled=false", f"data.train_files={task / 'train.jsonl'}",
-             f"data.eval_files={task / 'test.jsonl'}"]
+             f"data.eval_files={task / 'test.jsonl'}", "reward.task=styles"]
     if init_from is not None:
         extra.append(f"train.init_from={init_from}")
     if not (out / "checkpoints" / "latest").exists():  # finished before: reuse it
         train(load_config(config, extra + overrides), backend=backend)
+    return out
+
+
+def training_figures(run: Path, window: int = TRAIN_WINDOW) -> dict[str, float | None]:
+    """Means over the run's last `window` steps of d/oracle_auc and task/accept_rate (its
+    training rollouts); None where no step of the window has the figure (seqkd has no D;
+    the AUC is undefined on steps with only accepted or only rejected samples)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = [json.loads(line) for line in lines][-window:]
+    out = {}
+    for key, name in (("d/oracle_auc", "oracle_auc"), ("task/accept_rate", "accept_rate")):
+        values = [m[key] for m in last if key in m]
+        out[name] = statistics.fmean(values) if values else None
     return out
 
 
@@ -88,8 +135,6 @@ def _evaluate(run: Path, task: Path, budget: Budget, seed: int, cfg) -> dict:
     from gad_megatron.evaluation.styles import evaluate_split
     from gad_megatron.rollout import make_engine
     from gad_megatron.trainer.setup import latest_checkpoint
-
-    import json
 
     cache = run / f"styles_eval_n{budget.n_eval}_s{budget.n_samples}_seed{seed}.json"
     if cache.is_file():  # evaluated before with the same sizes: the same figures
@@ -110,6 +155,20 @@ def _evaluate(run: Path, task: Path, budget: Budget, seed: int, cfg) -> dict:
     return out
 
 
+def _short(override: str) -> str:
+    return override.split(".")[-1].replace(",", "+")
+
+
+def _base_name(arm: Arm) -> str:
+    return "-".join([arm.base, *map(_short, arm.warmup_overrides)])
+
+
+def _arm_name(arm: Arm, config: str) -> str:
+    # Named by what is trained, not by the label: studies share identical arms.
+    stem = "" if config in (_GAD, "configs/default.yaml") else "@" + Path(config).stem
+    return "-".join([_base_name(arm), arm.stage + stem, *map(_short, arm.overrides)])
+
+
 def run_seed(root: Path, study: str, seed: int, budget: Budget, overrides: list[str]) -> dict:
     """Every arm of `study` for one seed: {label: {split: metrics}}. Runs already finished
     under ROOT are reused, so the studies share their warmups and a rerun resumes."""
@@ -117,25 +176,73 @@ def run_seed(root: Path, study: str, seed: int, budget: Budget, overrides: list[
     cfg = load_config("configs/default.yaml", overrides)
     bases = {}
     for arm in STUDIES[study]:
-        if arm.base in bases:
+        name = _base_name(arm)
+        if name in bases:
             continue
         steps = budget.warmup_steps if arm.base == "warmup" else cfg.train.d_only_steps
-        bases[arm.base] = _train(task, base / arm.base, "warmup", "configs/default.yaml", steps,
-                                 seed, None, overrides, budget.backend)
+        bases[name] = _train(task, base / name, "warmup", "configs/default.yaml", steps, seed,
+                             None, [*arm.warmup_overrides, *overrides], budget.backend)
     results = {}
     for arm in STUDIES[study]:
-        run = bases[arm.base]
+        run = bases[_base_name(arm)]
         if arm.stage is not None:
             config = budget.gad_config if arm.config == _GAD else arm.config
-            # Named by what is trained, not by the label: studies share identical arms.
-            stem = "" if config in (_GAD, "configs/default.yaml") else "@" + Path(config).stem
-            name = "-".join([arm.base, arm.stage + stem,
-                             *(o.split(".")[-1] for o in arm.overrides)])
-            run = _train(task, base / name, arm.stage, config,
-                         budget.steps, seed, bases[arm.base], [*arm.overrides, *overrides],
-                         budget.backend)
-        results[arm.label] = _evaluate(run, task, budget, seed, cfg)
+            run = _train(task, base / _arm_name(arm, config), arm.stage, config,
+                         budget.steps, seed, run, [*arm.overrides, *overrides], budget.backend)
+        results[arm.label] = {**_evaluate(run, task, budget, seed, cfg),
+                              "train": training_figures(run)}
     return results
+
+
+def plot_oracle_auc(root: Path, study: str, seeds: tuple[int, ...], out: Path,
+                    budget: Budget) -> Path | None:
+    """A PNG of d/oracle_auc over the steps of every arm that trains a D after the warmup,
+    the mean over the seeds at each step (a step where no seed has the figure is a gap),
+    smoothed over 5 steps; None when no arm has the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    drawn = 0
+    for arm in STUDIES[study]:
+        if arm.stage != "gad":
+            continue
+        name = _arm_name(arm, budget.gad_config if arm.config == _GAD else arm.config)
+        per_step: dict[int, list[float]] = {}
+        for seed in seeds:
+            path = root / f"seed{seed}" / name / "metrics.jsonl"
+            for m in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+                if "d/oracle_auc" in m:
+                    per_step.setdefault(int(m["step"]), []).append(m["d/oracle_auc"])
+        if not per_step:
+            continue
+        steps = sorted(per_step)
+        means = [statistics.fmean(per_step[k]) for k in steps]
+        smooth = [statistics.fmean(means[max(0, i - 4):i + 1]) for i in range(len(means))]
+        ax.plot(steps, smooth, label=arm.label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_title(f"D's oracle AUC on training rollouts (mean of seeds {list(seeds)}, "
+                 f"5-step mean)")
+    ax.set_xlabel("gad step")
+    ax.set_ylabel("AUC accepted vs rejected")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _run_seed_job(job: tuple) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    return run_seed(*job)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -143,16 +250,23 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), sd
 
 
+def _cell(values: list) -> str:
+    if any(v is None for v in values):
+        return "–"
+    m, sd = _mean_sd(values)
+    return f"{m:.3f} ± {sd:.3f}"
+
+
 def table(per_seed: list[dict], arms: tuple[Arm, ...]) -> str:
-    """mean ± sd over seeds of every column, one row per arm."""
-    head = f"{'student':<28}" + "".join(f"{h:>16}" for _, _, h in COLUMNS)
+    """mean ± sd over seeds of every column, one row per arm ("–": an arm without the
+    figure, e.g. seqkd's D oracle AUC)."""
+    columns = COLUMNS + TRAIN_COLUMNS
+    head = f"{'student':<{LABEL}}" + "".join(f"{h:>16}" for _, _, h in columns)
     lines = [head, "-" * len(head)]
     for arm in arms:
-        cells = []
-        for split, metric, _ in COLUMNS:
-            m, sd = _mean_sd([seed[arm.label][split][metric] for seed in per_seed])
-            cells.append(f"{m:.3f} ± {sd:.3f}")
-        lines.append(f"{arm.label:<28}" + "".join(f"{c:>16}" for c in cells))
+        cells = [_cell([seed[arm.label].get(split, {}).get(metric) for seed in per_seed])
+                 for split, metric, _ in columns]
+        lines.append(f"{arm.label:<{LABEL}}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
 
@@ -170,10 +284,21 @@ def verdict(per_seed: list[dict], better: str, than: str) -> list[str]:
     return lines
 
 
+GOALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "compare": (("warmup+gad + levers", "warmup+seqkd"), ("warmup+gad + levers", "warmup only"),
+                ("warmup+gad", "warmup+seqkd"), ("warmup+RL on task reward", "warmup+seqkd")),
+}
+"""(better, than) pairs whose verdict a study prints; other studies: first arm vs second.
+compare: the goal (gad with the levers over seqkd and over warmup alone), plain gad, and
+whether the RL side itself beats seqkd given a right reward."""
+
+
 def run_study(root: str | Path, study: str = "compare", seeds: tuple[int, ...] = (0, 1, 2),
-              budget: Budget = Budget(), overrides: tuple[str, ...] = ()) -> str:
-    """Train and evaluate every arm of `study` for every seed; returns the table (and the
-    verdict of its first arm pair), also written to ROOT/STUDY.md."""
+              budget: Budget = Budget(), overrides: tuple[str, ...] = (),
+              jobs: int = 1) -> str:
+    """Train and evaluate every arm of `study` for every seed (`jobs` seeds at a time, each
+    in a process of its own with one thread); returns the table and its verdicts, also
+    written to ROOT/STUDY.md."""
     from gad_megatron.data.styles_task import write_styles_task
 
     import torch
@@ -184,12 +309,25 @@ def run_study(root: str | Path, study: str = "compare", seeds: tuple[int, ...] =
     if not (root / "task" / "train.jsonl").exists():
         write_styles_task(root / "task", n_train=budget.n_train, n_test=budget.n_eval,
                           n_ood=budget.n_eval, seed=0)
-    per_seed = [run_seed(root, study, s, budget, list(overrides)) for s in seeds]
+    work = [(root, study, s, budget, list(overrides)) for s in seeds]
+    if jobs > 1 and len(seeds) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter per seed (no inherited torch or process-group state);
+        # an executor's workers, unlike a Pool's, may start the checkpoint writer's children.
+        with ProcessPoolExecutor(min(jobs, len(seeds)), mp.get_context("spawn")) as pool:
+            per_seed = list(pool.map(_run_seed_job, work))
+    else:
+        per_seed = [run_seed(*w) for w in work]
     arms = STUDIES[study]
-    pair = (arms[-1].label, arms[-2].label) if study == "compare" else (arms[0].label,
-                                                                         arms[1].label)
-    text = table(per_seed, arms) + "\n\n" + "\n".join(verdict(per_seed, *pair))
+    pairs = GOALS.get(study, ((arms[0].label, arms[1].label),))
+    text = table(per_seed, arms) + "\n\n" + "\n".join(
+        line for pair in pairs for line in verdict(per_seed, *pair))
     minutes = (time.perf_counter() - started) / 60
     (root / f"{study}.md").write_text(
-        f"```\n{text}\n```\n\nseeds {list(seeds)}; {budget}; {minutes:.1f} minutes\n")
+        f"```\n{text}\n```\n\nseeds {list(seeds)}; {budget}; jobs {jobs}; "
+        f"{minutes:.1f} minutes\n")
+    (root / f"{study}.json").write_text(json.dumps(per_seed, indent=1))
+    plot_oracle_auc(root, study, seeds, root / f"{study}_oracle_auc.png", budget)
     return text

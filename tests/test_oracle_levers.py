@@ -1,0 +1,127 @@
+"""Issue 20's measurement and levers, by hand: D's oracle AUC and teacher-vs-accepted gap,
+the styles task's verdict on rendered prompts, the teacher-text negatives, and the task
+reward reaching GRPO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gad_megatron.algorithms import oracle_auc, oracle_metrics, teacher_vs_accepted_gap
+from gad_megatron.data import negatives as neg
+
+
+def test_oracle_auc_by_hand():
+    # accepted 0.9, 0.5 vs rejected 0.1, 0.5: (0.9>0.1) (0.9>0.5) (0.5>0.1) win, (0.5=0.5)
+    # a tie (half): 3.5 of 4 pairs.
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.5])
+    accepted = torch.tensor([True, False, True, False])
+    assert oracle_auc(scores, accepted) == pytest.approx(0.875)
+    assert oracle_auc(-scores, accepted) == pytest.approx(0.125)  # D ranks them backwards
+    assert oracle_auc(scores, torch.ones(4, dtype=torch.bool)) is None  # no rejected one
+    assert oracle_auc(scores, torch.zeros(4, dtype=torch.bool)) is None  # no accepted one
+    with pytest.raises(ValueError, match="same 1-D shape"):
+        oracle_auc(scores, accepted[:3])
+
+
+def test_teacher_vs_accepted_gap_by_hand_and_the_undefined_figures_are_left_out():
+    teacher = torch.tensor([1.0, 2.0])  # mean 1.5
+    samples = torch.tensor([0.9, 0.1, 0.5, 0.5])
+    accepted = torch.tensor([True, False, True, False])  # accepted mean 0.7
+    assert teacher_vs_accepted_gap(teacher, samples, accepted) == pytest.approx(0.8)
+    none = torch.zeros(4, dtype=torch.bool)
+    assert teacher_vs_accepted_gap(teacher, samples, none) is None
+    assert oracle_metrics(teacher, samples, accepted) == pytest.approx(
+        {"accept_rate": 0.5, "oracle_auc": 0.875, "teacher_vs_accepted_gap": 0.8})
+    assert oracle_metrics(teacher, samples, none) == {"accept_rate": 0.0}  # not 0.5, not 0
+
+
+def test_the_styles_verdict_on_rendered_prompts_and_decoded_answers():
+    from gad_megatron.data import eos_id, load_tokenizer
+    from gad_megatron.data.encode import ALPACA_TEMPLATE
+    from gad_megatron.data.task_judge import TaskJudge
+
+    tok = load_tokenizer("builtin")
+    eos = eos_id(tok)
+    prompt = "give even numbers from 10 to 20"
+    chat = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                   add_generation_prompt=True)
+    rendered = [tok(text, add_special_tokens=False)["input_ids"]
+                for text in (chat, ALPACA_TEMPLATE.format(prompt=prompt))]
+    answers = ["Two picks: 14 and 16.", "Two picks: 14 and 15.", "[2] 12; 12", "[1] 18"]
+    ids = [tok(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    judge = TaskJudge("styles", tok, eos)
+    for p in rendered:  # both templates: the prompt is found inside the rendering
+        verdict = judge([np.asarray(p)] * 4, [np.asarray(r) for r in ids])
+        assert verdict.tolist() == [True, False, False, True]  # 15 is odd; 12 twice
+    with pytest.raises(ValueError, match="no acceptance test"):
+        TaskJudge("nosuch", tok, eos)
+
+
+class Drawn:
+    """A generator that hands out the given draws in order (hand-worked negatives)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def integers(self, lo, hi=None):
+        value = self.draws.pop(0)
+        assert (0 if hi is None else lo) <= value < (lo if hi is None else hi)
+        return value
+
+    def choice(self, n, size, replace):
+        return np.asarray(self.draws.pop(0))
+
+
+EOS = 9
+
+
+def test_splice_truncate_and_swap_by_hand():
+    a, b = np.array([1, 2, 3, 4, EOS]), np.array([5, 6, 7, EOS])
+    assert neg.splice(a, b, Drawn(2, 1), EOS).tolist() == [1, 2, 6, 7, EOS]  # a[:2] + b[1:]
+    assert neg.splice(a, a, Drawn(3, 1), EOS).tolist() == [1, 2, 3, 2, 3, 4, EOS]
+    assert neg.truncate(a, Drawn(1), EOS).tolist() == [1, EOS]
+    # spans [0, 1) and [2, 4) of 1 2 3 4 exchanged around the middle [1, 2)
+    assert neg.swap_spans(a, Drawn([0, 1, 2, 4]), EOS).tolist() == [3, 4, 2, 1, EOS]
+    assert neg.swap_spans(np.array([1, 2, EOS]), Drawn(), EOS).tolist() == [2, 1, EOS]
+    one = np.array([1, EOS])  # nothing to cut: returned as is (then dropped as identical)
+    assert neg.truncate(one, Drawn(), EOS) is one
+
+
+def test_make_negatives_pairs_each_with_its_prompt_and_drops_copies():
+    prompts = [np.array([100]), np.array([101]), np.array([100])]
+    answers = [np.array([1, 2, 3, EOS]), np.array([5, 6, 7, EOS]), np.array([1, 2, 3, EOS])]
+    # prompt 0 gets prompt 1's answer (h = 0 -> 1); prompt 1 gets 0's (h = 0); prompt 2's
+    # draw (h = 0) is prompt 0, the same prompt text: skipped, it would be a right answer.
+    out, group = neg.make_negatives(prompts, answers, ["mismatch"], 1, Drawn(0, 0, 0), EOS)
+    assert group == [0, 1] and [o.tolist() for o in out] == [[5, 6, 7, EOS], [1, 2, 3, EOS]]
+    # splice with a partner equal to the answer at the same cut: a copy, dropped.
+    out, group = neg.make_negatives(prompts[:1], answers[:1], ["splice"], 1, Drawn(1, 1),
+                                    EOS, partners=[[]])
+    assert out == [] and group == []
+    with pytest.raises(ValueError, match="unknown negative kinds"):
+        neg.make_negatives(prompts, answers, ["shuffle"], 1, Drawn(), EOS)
+
+
+def test_teacher_pool_gives_the_other_answers_of_the_same_prompt():
+    from gad_megatron.data.dataset import TokenDataset
+
+    pt = np.array([7, 7, 8, 7, 7], np.int32)  # prompts: [7 7], [8], [7 7]
+    tt = np.array([1, EOS, 2, EOS, 3, EOS], np.int32)
+    ds = TokenDataset(["a", "b", "c"], pt, np.array([0, 2, 3, 5]), tt, np.array([0, 2, 4, 6]))
+    pool = neg.TeacherPool(ds)
+    assert [x.tolist() for x in pool.others(np.array([7, 7]), np.array([1, EOS]))] == [[3, EOS]]
+    assert pool.others(np.array([8]), np.array([2, EOS])) == []
+
+
+def test_config_refuses_a_task_reward_without_a_task_and_unknown_negatives():
+    from gad_megatron.config import ConfigError, load_config
+
+    with pytest.raises((ConfigError, ValueError), match="reward.task"):
+        load_config("configs/default.yaml", ["reward.source=task"])
+    with pytest.raises((ConfigError, ValueError), match="negatives"):
+        load_config("configs/default.yaml", ["discriminator.negatives=splice,shuffle"])
+    cfg = load_config("configs/default.yaml", ["reward.task=styles", "reward.source=task",
+                                               "discriminator.negatives=splice,mismatch"])
+    assert cfg.discriminator.negatives == ("splice", "mismatch")
