@@ -125,3 +125,63 @@ def test_config_refuses_a_task_reward_without_a_task_and_unknown_negatives():
     cfg = load_config("configs/default.yaml", ["reward.task=styles", "reward.source=task",
                                                "discriminator.negatives=splice,mismatch"])
     assert cfg.discriminator.negatives == ("splice", "mismatch")
+
+
+def test_a_discriminator_of_its_own_shape_and_its_refusals(tmp_path):
+    from gad_megatron.config import ConfigError, load_config
+    from gad_megatron.models.hf_config import parse_hf_config
+    from gad_megatron.trainer.setup import resolve_inputs
+    from tests.tiny_models import small_run
+
+    cfg = small_run(tmp_path, "run", "warmup", "discriminator.tiny_layers=3",
+                    "discriminator.tiny_hidden=48")
+    inputs = resolve_inputs(cfg)
+    d, g = parse_hf_config(inputs.discriminator.arch_config), parse_hf_config(inputs.arch_config)
+    assert (d.num_layers, d.hidden_size) == (3, 48) and (g.num_layers, g.hidden_size) == (2, 32)
+    assert d.vocab_size == g.vocab_size  # one tokenizer for both
+    with pytest.raises((ConfigError, ValueError), match="do not fit a D of another shape"):
+        load_config("configs/default.yaml", ["discriminator.tiny_hidden=128",
+                                             "discriminator.init_from_actor=true"])
+    with pytest.raises((ConfigError, ValueError), match="embedded default"):
+        load_config("configs/default.yaml", ["discriminator.tiny_layers=4",
+                                             "model.hf_path=/nonexistent"])
+
+
+def _styles_cfg(tmp_path, name, config, *extra):
+    from gad_megatron.config import load_config
+    from gad_megatron.data.styles_task import write_styles_task
+
+    task = tmp_path / "task"
+    if not (task / "train.jsonl").exists():
+        write_styles_task(task, n_train=48, n_test=4, n_ood=4)
+    return load_config(config, [
+        f"run.out_dir={tmp_path / name}", "train.prompts_per_step=4", "train.save_every=0",
+        f"data.train_files={task / 'train.jsonl'}", "rollout.n=2", "model.tiny_hidden=32",
+        "rollout.max_new_tokens=10", "tracking.enabled=false", "reward.task=styles", *extra])
+
+
+def test_task_reward_d_from_the_student_and_d_only_gad_steps(tmp_path, monkeypatch):
+    """reward.source=task: GRPO gets the acceptance verdicts; init_from_actor: D starts from
+    the student's backbone with a fresh head; gad_d_only_steps: G waits."""
+    from gad_megatron.trainer import steps as steps_mod
+    from gad_megatron.trainer.controller import train
+
+    train(_styles_cfg(tmp_path, "warmup", "configs/default.yaml", "train.steps=2",
+                      "train.d_only_steps=1", "discriminator.negatives=splice,mismatch"),
+          backend="inline")
+    seen = []
+    real = steps_mod.alg.grpo_advantages
+    monkeypatch.setattr(steps_mod.alg, "grpo_advantages",
+                        lambda rewards, group, *a, **k: seen.append(rewards.clone())
+                        or real(rewards, group, *a, **k))
+    history = train(_styles_cfg(
+        tmp_path, "gad", "configs/default_gad.yaml", "train.steps=2",
+        f"train.init_from={tmp_path / 'warmup'}", "reward.source=task",
+        "discriminator.init_from_actor=true", "train.gad_d_only_steps=1"), backend="inline")
+    d_only, rl = history
+    assert "g/pg_loss" not in d_only and "d/d_loss" in d_only  # step 0: D alone
+    # A fresh head (std 1e-3) over the student's backbone: scores near 0 at the first step.
+    assert abs(d_only["d/teacher_score_mean"]) < 0.05
+    assert len(seen) == 1 and set(seen[0].tolist()) <= {0.0, 1.0}  # verdicts as rewards
+    assert rl["g/reward_mean"] == pytest.approx(rl["task/accept_rate"])
+    assert rl["g/reward_mean"] == pytest.approx(float(seen[0].mean()))

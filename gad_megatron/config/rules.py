@@ -137,6 +137,8 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("DiscriminatorConfig", "score_reg_weight"): AT_LEAST_0,
     ("DiscriminatorConfig", "score_reg_threshold"): AT_LEAST_0,
     ("DiscriminatorConfig", "updates_per_step"): AT_LEAST_1,
+    ("DiscriminatorConfig", "tiny_layers"): AT_LEAST_1,
+    ("DiscriminatorConfig", "tiny_hidden"): AT_LEAST_1,
     ("DiscriminatorConfig", "negatives_per_kind"): AT_LEAST_1,
     ("RewardConfig", "source"): Choice(REWARD_SOURCES),
     ("RewardConfig", "task"): Choice(JUDGED_TASKS),

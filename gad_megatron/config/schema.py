@@ -174,6 +174,13 @@ class DiscriminatorConfig:
     the paper's update."""
     negatives_per_kind: int = 1
     """Negatives of each kind per prompt and step."""
+    tiny_layers: int | None = None
+    """Embedded default only: the discriminator's own number of transformer layers (None:
+    the student's, model.tiny_layers). Black-box distillation allows a D larger than the
+    student (the paper's equal size is a choice, not a rule); a D of its own shape starts
+    from random weights of that shape."""
+    tiny_hidden: int | None = None
+    """Embedded default only: the discriminator's own hidden size (None: model.tiny_hidden)."""
     init_from_actor: bool = False
     """gad stage: D's backbone starts from the student's weights in train.init_from (the
     warmed-up student: the paper's D is the student's own backbone) with a fresh head,
@@ -386,6 +393,16 @@ class GADConfig:
             raise ValueError("rollout.max_staleness=1 overlaps generation with training, but "
                              "run.colocate=true puts the engine on the trainer's devices "
                              "(it sleeps while they train); set run.colocate=false")
+        d = self.discriminator
+        if (d.tiny_layers or d.tiny_hidden) and self.model.hf_path:
+            raise ValueError("discriminator.tiny_layers / tiny_hidden shape the embedded "
+                             "default's D; with model.hf_path the D is the model's backbone")
+        if d.init_from_actor and ((d.tiny_layers or self.model.tiny_layers)
+                                  != self.model.tiny_layers or (d.tiny_hidden or
+                                                                self.model.tiny_hidden)
+                                  != self.model.tiny_hidden):
+            raise ValueError("discriminator.init_from_actor loads the student's weights, "
+                             "which do not fit a D of another shape (discriminator.tiny_*)")
         if self.train.gad_d_only_steps and not self.discriminator.update_in_gad:
             raise ValueError("train.gad_d_only_steps trains D alone, but "
                              "discriminator.update_in_gad=false freezes it")

@@ -47,6 +47,8 @@ TASK_REWARD = ("reward.source=task",)
 NEGATIVES = ("discriminator.negatives=splice,truncate,swap,mismatch",)
 D_FROM_STUDENT = ("discriminator.init_from_actor=true", "train.gad_d_only_steps=20")
 D_FASTER = ("discriminator.updates_per_step=2",)
+D_LARGER = ("discriminator.tiny_layers=4", "discriminator.tiny_hidden=128")
+"""Twice the student's depth and width (about 7x its non-embedding weights)."""
 LEVERS = NEGATIVES
 """The discriminator levers of the 'gad + levers' arm, chosen on training-split signals
 (docs/training.md); the negatives act in the warmup's D updates too."""
@@ -63,7 +65,9 @@ STUDIES: dict[str, tuple[Arm, ...]] = {
                Arm("gad + D(student) + negatives", "gad", _GAD,
                    overrides=D_FROM_STUDENT + NEGATIVES),
                Arm("gad + 2 D updates/step", "gad", _GAD, overrides=D_FASTER,
-                   warmup_overrides=D_FASTER)),
+                   warmup_overrides=D_FASTER),
+               Arm("gad + larger D (4x128)", "gad", _GAD, overrides=D_LARGER,
+                   warmup_overrides=D_LARGER)),
     "frozen-d": (Arm("gad, D updated", "gad", _GAD),
                  Arm("gad, D frozen", "gad", _GAD, overrides=("discriminator.update_in_gad=false",))),
     "warmup": (Arm("warmup+gad", "gad", _GAD), Arm("gad, no warmup", "gad", _GAD, base="d_only")),

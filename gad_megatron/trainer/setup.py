@@ -12,6 +12,8 @@ from gad_megatron.config import ConfigError, GADConfig, Stage, check_against_mod
 from gad_megatron.workers.common import WeightsSource
 
 TINY_DIR = "init_model"
+TINY_D_DIR = "init_discriminator"
+"""The embedded default's D of its own shape (discriminator.tiny_*), when it has one."""
 
 
 def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_id: int,
@@ -31,8 +33,10 @@ def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_i
     }
 
 
-def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer) -> Path:
-    """Create (once) the embedded default's random student as an HF directory."""
+def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer, layers: int | None = None,
+                     hidden: int | None = None) -> Path:
+    """Create (once) the embedded default's random student as an HF directory (`layers`,
+    `hidden`: another shape than model.tiny_*, for a discriminator of its own)."""
     import torch
     import transformers as tf
 
@@ -41,8 +45,9 @@ def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     head_dim = cfg.model.tiny_head_dim or (64 if cfg.rollout.engine == "vllm" else 16)
-    hf = tiny_hf_config(len(tokenizer), cfg.model.tiny_layers, cfg.model.tiny_hidden,
-                        eos_id(tokenizer), pad_id(tokenizer), head_dim)
+    hf = tiny_hf_config(len(tokenizer), layers or cfg.model.tiny_layers,
+                        hidden or cfg.model.tiny_hidden, eos_id(tokenizer), pad_id(tokenizer),
+                        head_dim)
     torch.manual_seed(cfg.train.seed)
     model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**hf))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -87,6 +92,25 @@ def _read_hf_config(hf_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _checked_d_arch(cfg: GADConfig, d_dir: Path) -> dict:
+    """The HF config of a discriminator's directory (an HF model, or a checkpoint's
+    hf_config.json), refused when discriminator.parallel cannot split it."""
+    from gad_megatron.models.hf_config import check_parallel, parse_hf_config
+
+    name = "hf_config.json" if (d_dir / "hf_config.json").is_file() else "config.json"
+    try:
+        arch_config = json.loads((d_dir / name).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{d_dir / name}: cannot read the discriminator's config ({exc})") \
+            from None
+    par = cfg.discriminator.parallel
+    try:
+        check_parallel(parse_hf_config(arch_config), par.tp, par.pp)
+    except ValueError as exc:
+        raise ConfigError(f"discriminator.parallel: {exc}") from None
+    return arch_config
+
+
 def resolve_inputs(cfg: GADConfig) -> RunInputs:
     """Model directory, tokenizer and each role's initial weights, checked against the config."""
     from gad_megatron.data import eos_id, load_tokenizer, pad_id
@@ -113,6 +137,11 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
     dtype = cfg.model.dtype
     actor = WeightsSource(str(hf_dir), arch_config, dtype)
     disc = WeightsSource(str(hf_dir), arch_config, dtype)
+    d_cfg = cfg.discriminator
+    if d_cfg.tiny_layers or d_cfg.tiny_hidden:  # a D of its own shape, random weights
+        d_dir = write_tiny_model(out / TINY_D_DIR, cfg, tokenizer, d_cfg.tiny_layers,
+                                 d_cfg.tiny_hidden)
+        disc = WeightsSource(str(d_dir), _checked_d_arch(cfg, d_dir), dtype)
     if cfg.train.stage == Stage.GAD and not cfg.train.init_from:
         raise ConfigError("train.init_from must name the warmup run (or checkpoint) "
                           "that the gad stage starts from")
@@ -126,8 +155,9 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: {first}")
         ckpt = latest_checkpoint(cfg.train.init_from)
         actor = WeightsSource(str(ckpt / "actor"), arch_config, dtype)
-        if (ckpt / "discriminator").is_dir():
-            disc = WeightsSource(str(ckpt / "discriminator"), arch_config, dtype)
+        if (ckpt / "discriminator").is_dir():  # its own architecture, as it was saved
+            disc = WeightsSource(str(ckpt / "discriminator"),
+                                 _checked_d_arch(cfg, ckpt / "discriminator"), dtype)
         elif cfg.train.stage == Stage.GAD:
             raise ConfigError(f"train.init_from={cfg.train.init_from!r}: checkpoint {ckpt} has "
                               "no discriminator (a seqkd run?); gad needs a warmup run")
