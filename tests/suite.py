@@ -9,13 +9,20 @@ out at startup). A fresh process per file costs ~5 s of imports and removes that
 After each file the runner also looks for processes the file left behind (Ray workers, gloo
 ranks, servers, engine processes). Each is named and killed, so that one file's leak cannot
 slow the files after it, and the file counts as failed: leaving nothing behind is part of
-what the fault tests assert.
+what the fault tests assert. The processes of a file carry its own token, so this works
+with files running side by side too.
 
-    python -m tests.suite [FILE ...] [pytest options ...]
+Files run `-j` at a time (default: 2, or GAD_TEST_JOBS), longest first: most files spend
+much of their time starting processes (imports, Ray, ranks, servers) and waiting on them,
+so two at a time keep the two cores busy. The order comes from the last run's durations
+(`.pytest_cache/gad-suite-durations.json`), else from `SLOW_FIRST`.
+
+    python -m tests.suite [-j N] [FILE ...] [pytest options ...]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FILE_TIMEOUT_S = 20 * 60  # no file takes near this alone; a hang must not eat CI's 90 min
 TOKEN_VAR = "GAD_TEST_SUITE_TOKEN"
+DURATIONS = REPO / ".pytest_cache" / "gad-suite-durations.json"
+SLOW_FIRST = ("test_worker_faults.py", "test_save_faults.py", "test_ray_loop.py",
+              "test_demo.py", "test_train_parallel.py", "test_run_signals.py",
+              "test_vllm_loop.py", "test_vllm_engine.py", "test_compare.py")
+"""Files known to take minutes, started first when no durations are recorded (a long file
+started last would leave one core idle at the end)."""
 
 
 @dataclass
@@ -130,7 +143,53 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return files, rest
 
 
+def _jobs(argv: list[str]) -> tuple[int, list[str]]:
+    """(-j N / --jobs N / --jobs=N, else GAD_TEST_JOBS, else 2; the other arguments)."""
+    import re
+
+    jobs, rest, i = int(os.environ.get("GAD_TEST_JOBS", "2")), [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-j", "--jobs") and i + 1 < len(argv):
+            jobs, i = int(argv[i + 1]), i + 2
+            continue
+        m = re.fullmatch(r"(?:-j|--jobs=)(\d+)", a)
+        if m:
+            jobs = int(m.group(1))
+        else:
+            rest.append(a)
+        i += 1
+    return max(1, jobs), rest
+
+
+def _longest_first(files: list[str]) -> list[str]:
+    try:
+        known = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known:
+        return sorted(files, key=lambda f: -known.get(f, 60.0))  # unknown: a middling file
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    return sorted(files, key=lambda f: rank.get(Path(f).name, len(rank)))
+
+
+def _record_durations(results: list[FileResult]) -> None:
+    try:
+        known = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known.update({r.path: round(r.seconds, 1) for r in results})
+    try:
+        DURATIONS.parent.mkdir(parents=True, exist_ok=True)
+        DURATIONS.write_text(json.dumps(known, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a read-only checkout still runs its tests
+
+
 def main(argv: list[str]) -> int:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    jobs, argv = _jobs(argv)
     files, args = _split(argv)
     if os.environ.get("GAD_RELIABILITY_RESULTS") is None:
         from tests.reliability import RESULTS
@@ -138,19 +197,25 @@ def main(argv: list[str]) -> int:
         RESULTS.unlink(missing_ok=True)  # the table is made from this run's results only
     results: list[FileResult] = []
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="gad-suite-") as tmp:
-        for path in files:
-            res = run_file(path, args, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="gad-suite-") as tmp, \
+            ThreadPoolExecutor(jobs) as pool:
+        # Each file is a pytest process of its own; a thread only waits on it.
+        pending = [pool.submit(run_file, path, args, Path(tmp))
+                   for path in _longest_first(files)]
+        for done in as_completed(pending):
+            res = done.result()
             results.append(res)
             print(_line(res), flush=True)
             if not res.ok:
                 print(res.output[-6000:], flush=True)
                 for left in res.leftovers:
                     print(f"     left behind (killed): {left}", flush=True)
-    return _summary(results, time.monotonic() - start)
+    _record_durations(results)
+    results.sort(key=lambda r: files.index(r.path))
+    return _summary(results, time.monotonic() - start, jobs)
 
 
-def _summary(results: list[FileResult], seconds: float) -> int:
+def _summary(results: list[FileResult], seconds: float, jobs: int = 1) -> int:
     total: dict[str, int] = {}
     for r in results:
         for k, n in r.counts.items():
@@ -167,7 +232,8 @@ def _summary(results: list[FileResult], seconds: float) -> int:
         for left in r.leftovers:
             print(f"LEFT BEHIND {r.path}: {left}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(total.items()))
-    print(f"{len(results)} files, {counts}, {len(bad)} files failed, in {seconds:.0f} s")
+    print(f"{len(results)} files, {counts}, {len(bad)} files failed, in {seconds:.0f} s "
+          f"({jobs} at a time)")
     return 1 if bad else 0
 
 

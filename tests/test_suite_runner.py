@@ -49,3 +49,19 @@ def test_a_leaked_process_fails_its_file_and_is_killed(tmp_path):
     assert any(x.startswith("LEFT BEHIND") and "leak-marker" in x for x in lines), res.stdout
     assert lines[-1].startswith("2 files, 2 passed, 1 files failed")
     assert _alive("leak-marker") == []
+
+
+def test_jobs_option_and_longest_first_order(tmp_path, monkeypatch):
+    import tests.suite as suite
+
+    assert suite._jobs(["-j", "3", "a.py", "-x"]) == (3, ["a.py", "-x"])
+    assert suite._jobs(["-j1"]) == (1, []) and suite._jobs(["--jobs=4"]) == (4, [])
+    monkeypatch.setenv("GAD_TEST_JOBS", "5")
+    assert suite._jobs(["-k", "x"]) == (5, ["-k", "x"])
+    files = ["tests/test_a.py", "tests/test_demo.py", "tests/test_worker_faults.py"]
+    monkeypatch.setattr(suite, "DURATIONS", tmp_path / "none.json")  # nothing recorded
+    assert suite._longest_first(files) == [files[2], files[1], files[0]]
+    (tmp_path / "d.json").write_text('{"tests/test_a.py": 300, "tests/test_demo.py": 5}')
+    monkeypatch.setattr(suite, "DURATIONS", tmp_path / "d.json")
+    # recorded: 300 s, unknown (60 s), 5 s
+    assert suite._longest_first(files) == [files[0], files[2], files[1]]
