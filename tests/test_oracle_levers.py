@@ -37,6 +37,21 @@ def test_teacher_vs_accepted_gap_by_hand_and_the_undefined_figures_are_left_out(
     assert oracle_metrics(teacher, samples, none) == {"accept_rate": 0.0}  # not 0.5, not 0
 
 
+def test_the_in_group_auc_by_hand():
+    from gad_megatron.algorithms import grouped_oracle_auc
+
+    # group 0: accepted 0.2 vs rejected 0.1, 0.3 -> 1 of 2 pairs; group 1: accepted 0.9 vs
+    # rejected 0.5 -> 1 of 1; group 2: only accepted (undefined, left out). Mean 0.75.
+    scores = torch.tensor([0.2, 0.1, 0.3, 0.9, 0.5, 0.7])
+    accepted = torch.tensor([True, False, False, True, False, True])
+    group = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert grouped_oracle_auc(scores, accepted, group) == pytest.approx(0.75)
+    # pooled: accepted 0.2, 0.9, 0.7 vs rejected 0.1, 0.3, 0.5: 0.2 beats 1, 0.9 and 0.7
+    # beat 3 each: 7 of 9
+    assert oracle_auc(scores, accepted) == pytest.approx(7 / 9)
+    assert grouped_oracle_auc(scores, accepted.logical_not() & False, group) is None
+
+
 def test_the_styles_verdict_on_rendered_prompts_and_decoded_answers():
     from gad_megatron.data import eos_id, load_tokenizer
     from gad_megatron.data.encode import ALPACA_TEMPLATE

@@ -15,7 +15,8 @@ from gad_megatron.algorithms.discriminator import (
     normalize_scores,
     score_regularizer,
 )
-from gad_megatron.algorithms.oracle import oracle_auc, oracle_metrics, teacher_vs_accepted_gap
+from gad_megatron.algorithms.oracle import (
+    grouped_oracle_auc, oracle_auc, oracle_metrics, teacher_vs_accepted_gap)
 from gad_megatron.algorithms.policy import (
     KL_KINDS,
     POLICY_LOSS_KINDS,
@@ -35,6 +36,7 @@ __all__ = [
     "bradley_terry_loss",
     "discriminator_loss",
     "discriminator_metrics",
+    "grouped_oracle_auc",
     "grpo_advantages",
     "kl_estimate",
     "normalize_scores",

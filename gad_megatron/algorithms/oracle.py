@@ -8,6 +8,9 @@ of each step's training rollouts say which it is:
 - `oracle_auc`: the probability that D scores a random accepted sample above a random
   rejected one (ties count half): 1.0 a perfect reward, 0.5 noise, below 0.5 a reward
   that pushes the student away from right answers.
+- `oracle_auc_in_group`: the same AUC within each prompt's group of samples, averaged over
+  the groups that have both kinds. GRPO compares samples only within their group, so this
+  is the ranking the policy update actually follows.
 - `teacher_vs_accepted_gap`: D's mean score on teacher answers minus its mean on accepted
   samples. Large while the AUC is near 0.5: D rewards style, not correctness.
 
@@ -38,6 +41,18 @@ def oracle_auc(scores: torch.Tensor, accepted: torch.Tensor) -> float | None:
 
 
 @torch.no_grad()
+def grouped_oracle_auc(scores: torch.Tensor, accepted: torch.Tensor,
+                       group: torch.Tensor) -> float | None:
+    """Mean over groups (e.g. a prompt's samples) of `oracle_auc` within the group, over
+    the groups where it is defined; None when it is defined in none. group: [N] ids."""
+    if group.shape != scores.shape:
+        raise ValueError("group must have one id per score")
+    aucs = [a for g in torch.unique(group).tolist()
+            if (a := oracle_auc(scores[group == g], accepted[group == g])) is not None]
+    return sum(aucs) / len(aucs) if aucs else None
+
+
+@torch.no_grad()
 def teacher_vs_accepted_gap(teacher_scores: torch.Tensor, sample_scores: torch.Tensor,
                             accepted: torch.Tensor) -> float | None:
     """mean(teacher_scores) - mean(sample_scores[accepted]), or None without an accepted
@@ -53,13 +68,14 @@ def teacher_vs_accepted_gap(teacher_scores: torch.Tensor, sample_scores: torch.T
 
 
 def oracle_metrics(teacher_scores: torch.Tensor, sample_scores: torch.Tensor,
-                   accepted: torch.Tensor) -> dict[str, float]:
-    """The step's oracle figures, leaving out the undefined ones; `accept_rate` always."""
+                   accepted: torch.Tensor, group: torch.Tensor | None = None
+                   ) -> dict[str, float]:
+    """The step's oracle figures, leaving out the undefined ones; `accept_rate` always;
+    `oracle_auc_in_group` when `group` (each sample's prompt) is given."""
     out = {"accept_rate": float(accepted.double().mean()) if accepted.numel() else 0.0}
-    auc = oracle_auc(sample_scores, accepted)
-    gap = teacher_vs_accepted_gap(teacher_scores, sample_scores, accepted)
-    if auc is not None:
-        out["oracle_auc"] = auc
-    if gap is not None:
-        out["teacher_vs_accepted_gap"] = gap
-    return out
+    figures = {"oracle_auc": oracle_auc(sample_scores, accepted),
+               "teacher_vs_accepted_gap": teacher_vs_accepted_gap(teacher_scores,
+                                                                  sample_scores, accepted)}
+    if group is not None:
+        figures["oracle_auc_in_group"] = grouped_oracle_auc(sample_scores, accepted, group)
+    return {**out, **{k: v for k, v in figures.items() if v is not None}}

@@ -147,7 +147,7 @@ def judge_samples(ctx: StepContext, teacher_scores, samples: Sequences, sample_s
     accepted = ctx.judge(samples.prompts, samples.responses)
     figures = alg.oracle_metrics(torch.from_numpy(np.asarray(teacher_scores)),
                                  torch.from_numpy(np.asarray(sample_scores)),
-                                 torch.from_numpy(accepted))
+                                 torch.from_numpy(accepted), torch.tensor(samples.group))
     rate = figures.pop("accept_rate")
     return accepted, {"task/accept_rate": rate, **{f"d/{k}": v for k, v in figures.items()}}
 
