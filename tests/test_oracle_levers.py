@@ -4,6 +4,8 @@ reward reaching GRPO."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,33 @@ def test_task_reward_d_from_the_student_and_d_only_gad_steps(tmp_path, monkeypat
     assert len(seen) == 1 and set(seen[0].tolist()) <= {0.0, 1.0}  # verdicts as rewards
     assert rl["g/reward_mean"] == pytest.approx(rl["task/accept_rate"])
     assert rl["g/reward_mean"] == pytest.approx(float(seen[0].mean()))
+
+
+def test_a_log_ratio_discriminator_starts_at_zero_and_learns_the_pair(tmp_path):
+    """kind=log_ratio: every score is exactly 0 while D equals its frozen start; one BT
+    step (Adam's first step moves each weight against its gradient's sign) opens the
+    teacher-sample gap; the frozen start does not move."""
+    import dataclasses
+
+    from gad_megatron.config.schema import DiscriminatorConfig
+    from gad_megatron.models.optim import OptimConfig
+    from gad_megatron.workers.common import WeightsSource
+    from gad_megatron.workers.discriminator import DiscriminatorWorker
+    from gad_megatron.workers.sequences import Sequences
+    from tests.tiny_models import make_hf_model
+
+    hf = make_hf_model("qwen3", tmp_path / "hf")
+    source = WeightsSource(str(hf), json.loads((hf / "config.json").read_text()))
+    cfg = DiscriminatorConfig(kind="log_ratio", log_ratio_beta=0.5,
+                              optim=OptimConfig(lr=1e-3, clip_grad=1.0))
+    d = DiscriminatorWorker(dataclasses.replace(cfg, init_from_actor=True), source, pad_id=0,
+                            eos_id=2)
+    prompt, teacher, sample = [5, 6, 7], [10, 11, 12, 2], [20, 21, 2]
+    pairs = Sequences([prompt, prompt], [teacher, sample], [0, 0],
+                      {"is_teacher": np.array([True, False])})
+    assert d.scores(pairs).tolist() == [0.0, 0.0]
+    frozen = [p.detach().clone() for p in d.scorer.frozen.parameters()]
+    d.bt_step(pairs, 1)
+    t, s = d.scores(pairs)
+    assert t - s > 0
+    assert all(torch.equal(a, b) for a, b in zip(frozen, d.scorer.frozen.parameters()))

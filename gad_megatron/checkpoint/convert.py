@@ -152,6 +152,18 @@ def discriminator_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str,
     return out_dir
 
 
+def refuse_log_ratio(ckpt_dir: str | Path, what: str) -> None:
+    """A log-ratio D (discriminator.kind) is a language model scored against the frozen
+    weights it started from, which its checkpoint does not hold: it cannot be `what`."""
+    from gad_megatron.workers.discriminator import KIND_FILE
+
+    marker = Path(ckpt_dir) / KIND_FILE
+    if marker.is_file():
+        raise ValueError(f"{ckpt_dir}: a {marker.read_text().strip()} discriminator (a "
+                         f"language model scored against its starting weights) cannot be "
+                         f"{what}; its weights load as a student with `convert`")
+
+
 def discriminator_to_hf(ckpt_dir: str | Path, out_dir: str | Path, pad_id: int) -> Path:
     """Export a discriminator checkpoint as HF `*ForSequenceClassification` (num_labels=1).
 
@@ -161,5 +173,6 @@ def discriminator_to_hf(ckpt_dir: str | Path, out_dir: str | Path, pad_id: int) 
     from gad_megatron.checkpoint.megatron_ckpt import read_checkpoint_meta
 
     read_checkpoint_meta(ckpt_dir)
+    refuse_log_ratio(ckpt_dir, "exported as a sequence classifier")
     run_ranks(discriminator_to_hf_rank, 1, (str(ckpt_dir), str(out_dir), pad_id))
     return Path(out_dir)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gad_megatron.config.schema import (
-    AGG_MODES, ENGINES, JUDGED_TASKS, KL_KINDS, POLICY_LOSSES, REWARD_SOURCES)
+    AGG_MODES, D_KINDS, ENGINES, JUDGED_TASKS, KL_KINDS, POLICY_LOSSES, REWARD_SOURCES)
 from gad_megatron.data.config import BAD_ROW_POLICIES, FORMATS, LENGTH_POLICIES, TEMPLATES
 from gad_megatron.models.optim import DECAY_STYLES
 from gad_megatron.models.perf import RECOMPUTE
@@ -138,6 +138,8 @@ RULES: dict[tuple[str, str], Range | Choice | NonEmpty] = {
     ("DiscriminatorConfig", "score_reg_threshold"): AT_LEAST_0,
     ("DiscriminatorConfig", "updates_per_step"): AT_LEAST_1,
     ("DiscriminatorConfig", "tiny_layers"): AT_LEAST_1,
+    ("DiscriminatorConfig", "kind"): Choice(D_KINDS),
+    ("DiscriminatorConfig", "log_ratio_beta"): POSITIVE,
     ("DiscriminatorConfig", "tiny_hidden"): AT_LEAST_1,
     ("DiscriminatorConfig", "negatives_per_kind"): AT_LEAST_1,
     ("RewardConfig", "source"): Choice(REWARD_SOURCES),

@@ -25,6 +25,8 @@ KL_KINDS = ("k1", "abs", "k2", "k3", "low_var_kl")
 REWARD_SOURCES = ("discriminator", "task")
 JUDGED_TASKS = ("", "styles")
 """Built-in tasks with an acceptance test (data/task_judge.py); '' for none."""
+D_KINDS = ("scalar_head", "log_ratio")
+"""How the discriminator scores a sequence (DiscriminatorConfig.kind)."""
 NEGATIVE_KINDS = ("splice", "truncate", "swap", "mismatch")
 """Teacher-text negatives for D (data/negatives.py)."""
 
@@ -124,6 +126,16 @@ class DiscriminatorConfig:
     optim: OptimConfig = field(default_factory=_paper_optim)
     perf: PerfConfig = field(default_factory=PerfConfig)
     """Memory/speed settings (see ActorConfig.perf)."""
+    kind: str = "scalar_head"
+    """'scalar_head' (the paper): the student's backbone with a scalar head, read at the last
+    valid token. 'log_ratio': D keeps the student's LM head and scores a sequence by
+    log_ratio_beta * sum over its response tokens of log pi_D - log pi_0, pi_0 a frozen copy
+    of D's starting weights held by the D rank (DPO's implicit reward, the discriminator of
+    SPIN): a BT step then raises D's likelihood of the teacher's tokens and lowers that of
+    the student's, token by token, where a scalar head must learn from one number per
+    answer. gad stage only, from the student (init_from_actor=true)."""
+    log_ratio_beta: float = 1.0
+    """kind=log_ratio: the scale of the log-ratio score (DPO's beta)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch."""
     mini_batch_prompts: int | None = None
@@ -194,6 +206,9 @@ class DiscriminatorConfig:
             raise ValueError("micro_batch_tokens must be >= 1 and head_init_std > 0")
         if self.normalize_eps <= 0 or self.adaptive_temp_scale < 0:
             raise ValueError("normalize_eps must be > 0 and adaptive_temp_scale >= 0")
+        _one_of("kind", self.kind, D_KINDS)
+        if self.log_ratio_beta <= 0:
+            raise ValueError(f"log_ratio_beta must be > 0, got {self.log_ratio_beta}")
         unknown = [k for k in self.negatives if k not in NEGATIVE_KINDS]
         if unknown or len(set(self.negatives)) != len(self.negatives):
             raise ValueError(f"negatives must be distinct kinds from {list(NEGATIVE_KINDS)}, "
@@ -403,6 +418,12 @@ class GADConfig:
                                   != self.model.tiny_hidden):
             raise ValueError("discriminator.init_from_actor loads the student's weights, "
                              "which do not fit a D of another shape (discriminator.tiny_*)")
+        if d.kind == "log_ratio" and (self.train.stage != Stage.GAD or not d.init_from_actor
+                                      or self.train.frozen_d_monitor):
+            raise ValueError("discriminator.kind=log_ratio is a gad-stage D made from the "
+                             "student: it needs train.stage=gad and "
+                             "discriminator.init_from_actor=true, and no frozen_d_monitor "
+                             "(that monitor is the warmup's scalar-head D)")
         if self.train.gad_d_only_steps and not self.discriminator.update_in_gad:
             raise ValueError("train.gad_d_only_steps trains D alone, but "
                              "discriminator.update_in_gad=false freezes it")

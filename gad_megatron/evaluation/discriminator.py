@@ -24,6 +24,9 @@ class WorkerDiscriminator:
         # An HF directory would load as a discriminator with a fresh random head: refuse it
         # (read_checkpoint_meta raises naming the missing marker).
         meta, _ = read_checkpoint_meta(ckpt)
+        from gad_megatron.checkpoint.convert import refuse_log_ratio
+
+        refuse_log_ratio(ckpt, "scored alone")
         arch_config = json.loads((ckpt / "hf_config.json").read_text())
         # Evaluation runs one rank; the checkpoint loads at any layout it was written with.
         cfg = dataclasses.replace(cfg or DiscriminatorConfig(), parallel=ParallelConfig())

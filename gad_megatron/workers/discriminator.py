@@ -1,5 +1,10 @@
 """The discriminator rank: sequence scores, and the Bradley-Terry update on (teacher, sample)
-pairs. Teacher answers and student samples go through exactly the same scoring path."""
+pairs. Teacher answers and student samples go through exactly the same scoring path.
+
+How a sequence is scored is a part of its own (composition, `discriminator.kind`):
+`HeadScore` reads the scalar head at the last valid token (the paper); `LogRatioScore` keeps
+the LM head and scores beta * sum of log pi_D - log pi_0 over the response tokens, pi_0 a
+frozen copy of the starting weights on this rank."""
 
 from __future__ import annotations
 
@@ -8,18 +13,76 @@ import torch
 
 from gad_megatron import algorithms as alg
 from gad_megatron.config.schema import DiscriminatorConfig
-from gad_megatron.models.builder import BuildOptions
+from gad_megatron.models.builder import BuildOptions, build_gpt
 from gad_megatron.models.discriminator import (
     HEAD_PREFIX, build_discriminator, micro_batch_scores)
 from gad_megatron.models.forward import MicroBatch, run_schedule
+from gad_megatron.models.logprobs import micro_batch_logprobs
 from gad_megatron.workers import common
 from gad_megatron.workers.sequences import Sequences, role_micro_batches
+
+
+KIND_FILE = "discriminator_kind.txt"
+"""Written into a checkpoint of a D that is not the scalar-head kind."""
 
 
 def strip_trailing_eos(seqs: Sequences, eos_id: int) -> Sequences:
     """The same sequences with one trailing EOS removed from each response that has one."""
     responses = [r[:-1] if len(r) > 1 and r[-1] == eos_id else r for r in seqs.responses]
     return Sequences(seqs.prompts, responses, seqs.group, seqs.fields)
+
+
+class HeadScore:
+    """The paper's D: the scalar head's output at each sequence's last valid token."""
+
+    def prepare(self, batches: list[MicroBatch]) -> None:
+        return None
+
+    def rows(self, out: torch.Tensor, mb: MicroBatch, prepared) -> torch.Tensor:
+        return micro_batch_scores(out, mb)  # [B]
+
+
+def response_logprob_sums(logits: torch.Tensor, mb: MicroBatch, vocab_size: int
+                          ) -> torch.Tensor:
+    """[B] sum of each row's response-token log-probs (temperature 1)."""
+    logp = micro_batch_logprobs(logits, mb, vocab_size, 1.0)  # [B, L]
+    return torch.where(mb.extra["resp_mask"], logp, torch.zeros_like(logp)).sum(dim=1)
+
+
+class LogRatioScore:
+    """beta * (log pi_D(response) - log pi_0(response)), pi_0 the frozen starting weights:
+    0 for every sequence before the first update, then above 0 for what D learned to find
+    more likely than it did at the start. The frozen sums are computed once per call."""
+
+    def __init__(self, frozen, vocab_size: int, beta: float):
+        self.frozen, self.vocab, self.beta = frozen, vocab_size, beta
+
+    @torch.no_grad()
+    def prepare(self, batches: list[MicroBatch]) -> dict[int, torch.Tensor]:
+        self.frozen.eval()
+        outs = run_schedule(self.frozen, batches,
+                            lambda o, mb: response_logprob_sums(o, mb, self.vocab))
+        return {i: sums[row] for mb, sums in zip(batches, outs)
+                for row, i in enumerate(mb.extra["index"])}
+
+    def rows(self, out: torch.Tensor, mb: MicroBatch, prepared) -> torch.Tensor:
+        ref = torch.stack([prepared[i] for i in mb.extra["index"]])
+        return self.beta * (response_logprob_sums(out, mb, self.vocab) - ref)
+
+
+def _build(cfg: DiscriminatorConfig, arch, source: common.WeightsSource, opts: BuildOptions):
+    """(model, scorer) of `cfg.kind`, loaded from `source`."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if cfg.kind == "log_ratio":
+        model = common.to_device(build_gpt(arch, tp, pp, opts))
+        common.load_into(model, source)
+        frozen = common.to_device(build_gpt(arch, tp, pp, opts))
+        common.load_into(frozen, source)
+        frozen.requires_grad_(False)
+        return model, LogRatioScore(frozen, arch.vocab_size, cfg.log_ratio_beta)
+    model = common.to_device(build_discriminator(arch, tp, pp, opts, cfg.head_init_std))
+    common.load_into(model, source, skip=(HEAD_PREFIX,))
+    return model, HeadScore()
 
 
 class DiscriminatorWorker:
@@ -33,9 +96,7 @@ class DiscriminatorWorker:
         self.cfg, self.pad_id, self.eos_id = cfg, pad_id, eos_id
         self.arch = source.arch()
         opts = BuildOptions(dtype=source.torch_dtype(), init_weights=False, perf=cfg.perf)
-        model = common.to_device(build_discriminator(
-            self.arch, cfg.parallel.tp, cfg.parallel.pp, opts, cfg.head_init_std))
-        common.load_into(model, source, skip=(HEAD_PREFIX,))
+        model, self.scorer = _build(cfg, self.arch, source, opts)
         self.model, self.optimizer, self.scheduler = wrap_for_training(
             model, cfg.optim, total_steps=total_steps, perf=cfg.perf)
         self.residency = common.Residency()
@@ -69,8 +130,10 @@ class DiscriminatorWorker:
                 first[k] = len(index)
                 index.append(i)
         self.model.eval()
-        outs = run_schedule(self.model, self._batches(seqs.take(index), False),
-                            micro_batch_scores)
+        batches = self._batches(seqs.take(index), False)
+        prepared = self.scorer.prepare(batches)
+        outs = run_schedule(self.model, batches,
+                            lambda o, mb: self.scorer.rows(o, mb, prepared).detach())
         if not common.is_output_rank():
             return None
         uniq_scores = np.concatenate([o.cpu().numpy() for o in outs])
@@ -83,17 +146,18 @@ class DiscriminatorWorker:
 
         cfg = self.cfg
         seqs = self._prepare(seqs)
+        batches = self._batches(seqs, keep_groups=True)
+        prepared = self.scorer.prepare(batches)
         self.model.train()
 
         def loss_fn(out, mb):
-            rows = micro_batch_scores(out, mb)  # [B]
+            rows = self.scorer.rows(out, mb, prepared)  # [B]
             t, s, same = _pairs(rows, mb, seqs)
             n = t.shape[0]
             loss = (bt_loss(cfg, t, s) if n else rows.sum() * 0.0) * (n / global_pairs)
             return loss, torch.tensor(n), {"d_loss": loss.detach()}
 
-        metrics = train_step(self.model, self.optimizer, self.scheduler,
-                             self._batches(seqs, keep_groups=True), loss_fn)
+        metrics = train_step(self.model, self.optimizer, self.scheduler, batches, loss_fn)
         return metrics if common.is_output_rank() else {}
 
     def _bare(self):
@@ -107,6 +171,12 @@ class DiscriminatorWorker:
         common.check_finite_weights(self._bare(), "discriminator")
         save_training_state(self._bare(), self.optimizer, self.scheduler, self.arch, out_dir,
                             p.tp, p.pp)
+        if self.cfg.kind != "scalar_head" and torch.distributed.get_rank() == 0:
+            # Said beside the weights: a log-ratio D is a language model plus the frozen
+            # start it is measured against, which the export and evaluation refuse.
+            from pathlib import Path
+
+            (Path(out_dir) / KIND_FILE).write_text(self.cfg.kind + "\n")
 
     def load(self, ckpt_dir: str) -> None:
         """Resume: restore what `save` wrote (collective)."""
