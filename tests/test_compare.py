@@ -40,7 +40,7 @@ def test_compare_command_shortened(tmp_path, capsys):
     assert cli.main(["compare", "--out", str(out), "--seeds", "0", "--warmup-steps", "3",
                      "--steps", "2", "--n-train", "48", "--n-eval", "4", "--n-samples", "2",
                      "train.prompts_per_step=4", "rollout.max_new_tokens=8",
-                     "model.tiny_hidden=32"]) == 0
+                     "model.tiny_hidden=32", "train.gad_d_only_steps=1"]) == 0
     printed = capsys.readouterr().out
     block = (out / "compare.md").read_text().split("```")[1].strip()
     assert block in printed
@@ -53,9 +53,9 @@ def test_compare_command_shortened(tmp_path, capsys):
         assert (cells[-2] == "–") == row.startswith("warmup+seqkd"), row  # AUC: seqkd no D
     for pair in GOALS["compare"]:
         assert block.count(f"{pair[0]} - {pair[1]}") == 4
-    negatives = "negatives=splice+truncate+swap+mismatch"
+    levers = "kind=log_ratio-init_from_actor=true-gad_d_only_steps=20"
     for run in ("warmup", "warmup-seqkd", "warmup-gad", "warmup-gad-source=task",
-                f"warmup-{negatives}-gad-{negatives}"):
+                f"warmup-gad-{levers}"):
         assert (out / "seed0" / run / "checkpoints" / "latest").exists(), run
     # The plot exists when some gad step had accepted and rejected samples (a few steps of a
     # tiny model seldom do), and its code runs either way.

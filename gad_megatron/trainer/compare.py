@@ -47,16 +47,17 @@ TASK_REWARD = ("reward.source=task",)
 NEGATIVES = ("discriminator.negatives=splice,truncate,swap,mismatch",)
 D_FROM_STUDENT = ("discriminator.init_from_actor=true", "train.gad_d_only_steps=20")
 D_FASTER = ("discriminator.updates_per_step=2",)
+LOG_RATIO = ("discriminator.kind=log_ratio", *D_FROM_STUDENT)
+"""D as a language model from the student, scored against its frozen start."""
 D_LARGER = ("discriminator.tiny_layers=4", "discriminator.tiny_hidden=128")
 """Twice the student's depth and width (about 7x its non-embedding weights)."""
-LEVERS = NEGATIVES
+LEVERS = LOG_RATIO
 """The discriminator levers of the 'gad + levers' arm, chosen on training-split signals
-(docs/training.md); the negatives act in the warmup's D updates too."""
+only (D's oracle AUC and the acceptance of the training rollouts; docs/training.md)."""
 STUDIES: dict[str, tuple[Arm, ...]] = {
     "compare": (Arm("warmup only", None), Arm("warmup+seqkd", "seqkd"),
                 Arm("warmup+gad", "gad", _GAD),
-                Arm("warmup+gad + levers", "gad", _GAD, overrides=LEVERS,
-                    warmup_overrides=LEVERS),
+                Arm("warmup+gad + levers", "gad", _GAD, overrides=LEVERS),
                 Arm("warmup+RL on task reward", "gad", _GAD, overrides=TASK_REWARD)),
     "levers": (Arm("gad", "gad", _GAD),
                Arm("gad + negatives", "gad", _GAD, overrides=NEGATIVES,
@@ -67,7 +68,12 @@ STUDIES: dict[str, tuple[Arm, ...]] = {
                Arm("gad + 2 D updates/step", "gad", _GAD, overrides=D_FASTER,
                    warmup_overrides=D_FASTER),
                Arm("gad + larger D (4x128)", "gad", _GAD, overrides=D_LARGER,
-                   warmup_overrides=D_LARGER)),
+                   warmup_overrides=D_LARGER),
+               Arm("gad + log-ratio D", "gad", _GAD, overrides=LOG_RATIO),
+               Arm("gad + log-ratio D + negatives", "gad", _GAD,
+                   overrides=LOG_RATIO + NEGATIVES),
+               Arm("gad + log-ratio D, 2 updates", "gad", _GAD,
+                   overrides=LOG_RATIO + D_FASTER)),
     "frozen-d": (Arm("gad, D updated", "gad", _GAD),
                  Arm("gad, D frozen", "gad", _GAD, overrides=("discriminator.update_in_gad=false",))),
     "warmup": (Arm("warmup+gad", "gad", _GAD), Arm("gad, no warmup", "gad", _GAD, base="d_only")),
@@ -242,6 +248,18 @@ def plot_oracle_auc(root: Path, study: str, seeds: tuple[int, ...], out: Path,
     return out
 
 
+def _die_with_parent() -> None:
+    """A seed's process ends when the study's process does (Linux), even by kill -9: an
+    executor's workers would otherwise train on as orphans."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _run_seed_job(job: tuple) -> dict:
     import torch
 
@@ -320,7 +338,8 @@ def run_study(root: str | Path, study: str = "compare", seeds: tuple[int, ...] =
 
         # spawn: a fresh interpreter per seed (no inherited torch or process-group state);
         # an executor's workers, unlike a Pool's, may start the checkpoint writer's children.
-        with ProcessPoolExecutor(min(jobs, len(seeds)), mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(jobs, len(seeds)), mp.get_context("spawn"),
+                                 initializer=_die_with_parent) as pool:
             per_seed = list(pool.map(_run_seed_job, work))
     else:
         per_seed = [run_seed(*w) for w in work]
