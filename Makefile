@@ -169,7 +169,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 # --- The styles task (a stochastic, multimodal teacher): seeded studies, docs/training.md ---
-#   make compare             GAD vs SeqKD vs warmup only, 3 seeds, mean ± sd, in and out of
+#   make compare             warmup only, SeqKD, GAD, GAD + levers, RL on the task reward;
+#                            3 seeds, mean ± sd, in and out of
 #                            distribution (also the first ablation of the paper)
 #   make ablation-frozen-d   D updated every step vs D frozen after warmup
 #   make ablation-warmup     gad with vs without the warmup stage
@@ -187,9 +188,9 @@ ablation-frozen-d ablation-warmup ablation-remedies: setup
 
 ablations: compare ablation-frozen-d ablation-warmup ablation-remedies
 
-# The README quotes docs/demo_output.txt (what `make demo` writes); after a `make demo`, its
-# runs/demo/summary.md is checked too.
+# The README quotes docs/demo_output.txt (what `make demo` writes) exactly; after a `make
+# demo`, its runs/demo/summary.md is checked too, the gad row within its machine bound.
 check-readme: setup
 	$(PY) -c "from gad_megatron.trainer.demo import check_readme as c; c('README.md', 'docs/demo_output.txt')"
-	@if [ -f runs/demo/summary.md ]; then $(PY) -c "from gad_megatron.trainer.demo import check_readme as c; c('README.md', 'runs/demo/summary.md')"; fi
-	@echo "README demo table: as make demo prints it"
+	@if [ -f runs/demo/summary.md ]; then $(PY) -c "from gad_megatron.trainer.demo import check_readme as c; c('README.md', 'runs/demo/summary.md', tolerant=True)"; fi
+	@echo "README demo table: as make demo prints it (the gad row within its machine bound, README)"
