@@ -36,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FILE_TIMEOUT_S = 20 * 60  # no file takes near this alone; a hang must not eat CI's 90 min
 TOKEN_VAR = "GAD_TEST_SUITE_TOKEN"
-DURATIONS = REPO / ".pytest_cache" / "gad-suite-durations.json"
+DURATIONS = Path(os.environ.get("GAD_SUITE_DURATIONS",
+                               REPO / ".pytest_cache" / "gad-suite-durations.json"))
 SLOW_FIRST = ("test_worker_faults.py", "test_save_faults.py", "test_ray_loop.py",
               "test_demo.py", "test_train_parallel.py", "test_run_signals.py",
               "test_vllm_loop.py", "test_vllm_engine.py", "test_compare.py")
@@ -163,14 +164,19 @@ def _jobs(argv: list[str]) -> tuple[int, list[str]]:
 
 
 def _longest_first(files: list[str]) -> list[str]:
+    """Recorded durations first; a file never recorded ranks by SLOW_FIRST (minutes) or as
+    a middling file (60 s)."""
     try:
         known = json.loads(DURATIONS.read_text())
     except (OSError, ValueError):
         known = {}
-    if known:
-        return sorted(files, key=lambda f: -known.get(f, 60.0))  # unknown: a middling file
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    return sorted(files, key=lambda f: rank.get(Path(f).name, len(rank)))
+
+    def guess(f: str) -> float:
+        if f in known:
+            return known[f]
+        return 1000.0 - rank[Path(f).name] if Path(f).name in rank else 60.0
+    return sorted(files, key=lambda f: -guess(f))
 
 
 def _record_durations(results: list[FileResult]) -> None:

@@ -39,7 +39,8 @@ def test_a_leaked_process_fails_its_file_and_is_killed(tmp_path):
     res = subprocess.run([sys.executable, "-m", "tests.suite", str(tmp_path / "test_leaky.py"),
                           str(tmp_path / "test_clean.py"), "-p", "no:cacheprovider"],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, GAD_RELIABILITY_RESULTS=str(tmp_path / "r.jsonl")))
+                         env=dict(os.environ, GAD_RELIABILITY_RESULTS=str(tmp_path / "r.jsonl"),
+                                  GAD_SUITE_DURATIONS=str(tmp_path / "d.json")))
     assert res.returncode == 1, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     leaky = next(x for x in lines if "test_leaky.py" in x and x.startswith(("ok", "FAIL")))
@@ -63,5 +64,5 @@ def test_jobs_option_and_longest_first_order(tmp_path, monkeypatch):
     assert suite._longest_first(files) == [files[2], files[1], files[0]]
     (tmp_path / "d.json").write_text('{"tests/test_a.py": 300, "tests/test_demo.py": 5}')
     monkeypatch.setattr(suite, "DURATIONS", tmp_path / "d.json")
-    # recorded: 300 s, unknown (60 s), 5 s
-    assert suite._longest_first(files) == [files[0], files[2], files[1]]
+    # recorded: 300 s and 5 s; worker_faults never recorded, first of SLOW_FIRST
+    assert suite._longest_first(files) == [files[2], files[0], files[1]]
