@@ -412,10 +412,8 @@ class GADConfig:
         if (d.tiny_layers or d.tiny_hidden) and self.model.hf_path:
             raise ValueError("discriminator.tiny_layers / tiny_hidden shape the embedded "
                              "default's D; with model.hf_path the D is the model's backbone")
-        if d.init_from_actor and ((d.tiny_layers or self.model.tiny_layers)
-                                  != self.model.tiny_layers or (d.tiny_hidden or
-                                                                self.model.tiny_hidden)
-                                  != self.model.tiny_hidden):
+        if d.init_from_actor and (d.tiny_layers not in (None, self.model.tiny_layers)
+                                  or d.tiny_hidden not in (None, self.model.tiny_hidden)):
             raise ValueError("discriminator.init_from_actor loads the student's weights, "
                              "which do not fit a D of another shape (discriminator.tiny_*)")
         if d.kind == "log_ratio" and (self.train.stage != Stage.GAD or not d.init_from_actor

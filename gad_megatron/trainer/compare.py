@@ -173,6 +173,11 @@ def _base_name(arm: Arm) -> str:
     return "-".join([arm.base, *map(_short, arm.warmup_overrides)])
 
 
+def _arm_config(arm: Arm, budget: Budget) -> str:
+    """The config an arm trains with: the budget's gad config for the gad arms."""
+    return budget.gad_config if arm.config == _GAD else arm.config
+
+
 def _arm_name(arm: Arm, config: str) -> str:
     # Named by what is trained, not by the label: studies share identical arms.
     stem = "" if config in (_GAD, "configs/default.yaml") else "@" + Path(config).stem
@@ -196,7 +201,7 @@ def run_seed(root: Path, study: str, seed: int, budget: Budget, overrides: list[
     for arm in STUDIES[study]:
         run = bases[_base_name(arm)]
         if arm.stage is not None:
-            config = budget.gad_config if arm.config == _GAD else arm.config
+            config = _arm_config(arm, budget)
             run = _train(task, base / _arm_name(arm, config), arm.stage, config,
                          budget.steps, seed, run, [*arm.overrides, *overrides], budget.backend)
         results[arm.label] = {**_evaluate(run, task, budget, seed, cfg),
@@ -219,7 +224,7 @@ def plot_oracle_auc(root: Path, study: str, seeds: tuple[int, ...], out: Path,
     for arm in STUDIES[study]:
         if arm.stage != "gad":
             continue
-        name = _arm_name(arm, budget.gad_config if arm.config == _GAD else arm.config)
+        name = _arm_name(arm, _arm_config(arm, budget))
         per_step: dict[int, list[float]] = {}
         for seed in seeds:
             path = root / f"seed{seed}" / name / "metrics.jsonl"

@@ -92,17 +92,10 @@ def _read_hf_config(hf_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _checked_d_arch(cfg: GADConfig, d_dir: Path) -> dict:
-    """The HF config of a discriminator's directory (an HF model, or a checkpoint's
-    hf_config.json), refused when discriminator.parallel cannot split it."""
+def _checked_d_arch(cfg: GADConfig, arch_config: dict) -> dict:
+    """A discriminator's own HF config, refused when discriminator.parallel cannot split it."""
     from gad_megatron.models.hf_config import check_parallel, parse_hf_config
 
-    name = "hf_config.json" if (d_dir / "hf_config.json").is_file() else "config.json"
-    try:
-        arch_config = json.loads((d_dir / name).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{d_dir / name}: cannot read the discriminator's config ({exc})") \
-            from None
     par = cfg.discriminator.parallel
     try:
         check_parallel(parse_hf_config(arch_config), par.tp, par.pp)
@@ -141,7 +134,7 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
     if d_cfg.tiny_layers or d_cfg.tiny_hidden:  # a D of its own shape, random weights
         d_dir = write_tiny_model(out / TINY_D_DIR, cfg, tokenizer, d_cfg.tiny_layers,
                                  d_cfg.tiny_hidden)
-        disc = WeightsSource(str(d_dir), _checked_d_arch(cfg, d_dir), dtype)
+        disc = WeightsSource(str(d_dir), _checked_d_arch(cfg, _read_hf_config(d_dir)), dtype)
     if cfg.train.stage == Stage.GAD and not cfg.train.init_from:
         raise ConfigError("train.init_from must name the warmup run (or checkpoint) "
                           "that the gad stage starts from")
@@ -156,8 +149,11 @@ def resolve_inputs(cfg: GADConfig) -> RunInputs:
         ckpt = latest_checkpoint(cfg.train.init_from)
         actor = WeightsSource(str(ckpt / "actor"), arch_config, dtype)
         if (ckpt / "discriminator").is_dir():  # its own architecture, as it was saved
-            disc = WeightsSource(str(ckpt / "discriminator"),
-                                 _checked_d_arch(cfg, ckpt / "discriminator"), dtype)
+            from gad_megatron.checkpoint.megatron_ckpt import read_checkpoint_meta
+
+            d_arch = read_checkpoint_meta(ckpt / "discriminator")[1].raw
+            disc = WeightsSource(str(ckpt / "discriminator"), _checked_d_arch(cfg, d_arch),
+                                 dtype)
         elif cfg.train.stage == Stage.GAD:
             raise ConfigError(f"train.init_from={cfg.train.init_from!r}: checkpoint {ckpt} has "
                               "no discriminator (a seqkd run?); gad needs a warmup run")

@@ -77,7 +77,7 @@ def _build(cfg: DiscriminatorConfig, arch, source: common.WeightsSource, opts: B
         model = common.to_device(build_gpt(arch, tp, pp, opts))
         common.load_into(model, source)
         frozen = common.to_device(build_gpt(arch, tp, pp, opts))
-        common.load_into(frozen, source)
+        frozen.load_state_dict(model.state_dict())  # the same start, read from disk once
         frozen.requires_grad_(False)
         return model, LogRatioScore(frozen, arch.vocab_size, cfg.log_ratio_beta)
     model = common.to_device(build_discriminator(arch, tp, pp, opts, cfg.head_init_std))
