@@ -199,3 +199,42 @@ def test_random_overrides_give_a_config_or_one_line_error(items):
 def test_an_unknown_key_with_a_newline_stays_one_line(tmp_path):
     """Found by the long fuzz (`make fuzz`): the key was printed raw."""
     assert refusal(tmp_path, {"run": {"\n": None}}).startswith(r"unknown key '\n' in run")
+
+
+# Lists as users of Hydra, OmegaConf and verl write them (issue 26): bare commas, `[a,b]`,
+# and the quoted Python-style list a shell passes on as `['a','b']`.
+LIST_LEAVES = [k for k, _, _, hint in LEAVES if typing.get_origin(_base(hint)[0]) is tuple]
+word = st.from_regex(r"[a-z][a-z0-9_./-]{0,7}", fullmatch=True).filter(
+    lambda w: yaml.safe_load(w) == w)  # not a YAML keyword such as `no` or `null`
+
+
+def _outcome(override: str):
+    from gad_megatron.config.loader import build, parse_overrides
+
+    try:
+        return build(GADConfig, parse_overrides([override]))
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return str(exc)
+
+
+@given(st.sampled_from(LIST_LEAVES), st.lists(word, min_size=1, max_size=3))
+def test_a_list_override_means_the_same_in_every_form(key, items):
+    forms = [",".join(items), "[" + ",".join(items) + "]",
+             "[" + ", ".join(f"'{w}'" for w in items) + "]", '"' + str(list(items)) + '"']
+    first, *rest = [_outcome(f"{key}={form}") for form in forms]
+    for form, other in zip(forms[1:], rest):
+        assert other == first, (form, other, first)
+
+
+def test_list_and_mapping_overrides_in_flow_form(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for form in (f"[{a},{b}]", f"['{a}','{b}']", f"\"['{a}', '{b}']\"", f"{a},{b}"):
+        cfg = load_config("configs/default.yaml", [f"data.train_files={form}"])
+        assert cfg.data.train_files == (str(a), str(b)), form
+    cfg = load_config("configs/default.yaml", ["actor.optim={lr: 0.002, weight_decay: 0.1}"])
+    assert (cfg.actor.optim.lr, cfg.actor.optim.weight_decay) == (0.002, 0.1)
+    with pytest.raises(ConfigError, match=r"^override 'data.train_files=\[a,': not a valid YAML"):
+        load_config("configs/default.yaml", ["data.train_files=[a,"])
+    with pytest.raises(ConfigError, match=r"actor.optim.lr: expected float"):
+        load_config("configs/default.yaml", ["actor.optim.lr=[1,2]"])

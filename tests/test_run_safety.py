@@ -14,10 +14,12 @@ import pytest
 
 from gad_megatron.checkpoint.megatron_ckpt import CheckpointError
 from gad_megatron.trainer.checkpoints import MANIFEST, find_resume
+from gad_megatron.trainer.compat import IncompatibleCheckpoint
 from gad_megatron.trainer.controller import train
+from gad_megatron.trainer.run_lock import LOCK_FILE, RunDirError
 from gad_megatron.workers.common import NonFiniteError
 from tests.reliability import record
-from tests.tiny_models import small_run
+from tests.tiny_models import small_run, small_run_args
 
 pytestmark = pytest.mark.faults
 
@@ -28,10 +30,12 @@ def cfg_for(tmp_path, *extra):
                      "tracking.enabled=false", *extra)
 
 
-def snapshot(run: Path) -> dict:
-    """Every file of the run directory with its bytes (what must survive a refusal)."""
+def snapshot(run: Path, with_config: bool = False) -> dict:
+    """Every file of the run directory with its bytes (what must survive a refusal); the
+    driver's lock file says who holds the run now, and is no part of it."""
+    skip = {LOCK_FILE} | (set() if with_config else {"config.json"})
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name != "config.json"}
+            if p.is_file() and p.name not in skip}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +52,11 @@ def run_copy(finished_run, tmp_path):
     return tmp_path
 
 
-def refused(tmp_path, *extra) -> tuple[str, float]:
+def refused(tmp_path, *extra, error=CheckpointError) -> tuple[str, float]:
     """The rerun's refusal message and its time; nothing in the run directory changed."""
     before = snapshot(tmp_path / "run")
     t0 = time.monotonic()
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(error) as err:
         train(cfg_for(tmp_path, "train.steps=6", *extra), backend="inline")
     assert snapshot(tmp_path / "run") == before  # metrics.jsonl and checkpoints untouched
     return str(err.value), time.monotonic() - t0
@@ -116,6 +120,120 @@ def test_resume_false_on_a_run_with_checkpoints_needs_overwrite(run_copy):
     assert [m["step"] for m in history] == [0]
     assert sorted(p.name for p in (run_copy / "run" / "checkpoints").iterdir()) == [
         "latest", "step_0000001"]
+
+
+def one_line(capsys, argv: list[str]) -> str:
+    """The CLI's single `error:` line for `argv` (exit code 1, no traceback)."""
+    from gad_megatron.__main__ import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def logged_steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+HOLD = """
+import sys, time
+from gad_megatron.trainer.run_lock import hold_run_dir
+with hold_run_dir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_driver_exits_at_once_naming_the_holder_and_kill_9_frees_it(
+        run_copy, capsys):
+    """Issue 26: the holder is a process of its own, as a first driver would be; its death
+    by kill -9 frees the run directory for the resume."""
+    import socket
+    import subprocess
+    import sys
+
+    run = run_copy / "run"
+    before = snapshot(run, with_config=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        line = one_line(capsys, ["train", "configs/default.yaml", "--backend", "inline",
+                                 *small_run_args(run_copy, "run", "warmup", "train.steps=6")])
+        secs = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert line.startswith(f"error: run.out_dir={run} is in use by another driver (pid "
+                           f"{holder.pid} on host {socket.gethostname()}, started "), line
+    assert snapshot(run, with_config=True) == before  # config, metrics, checkpoints as were
+    record("a second driver started on a run directory in use", line, secs,
+           "nothing: it exits before any write; the first driver runs on")
+    history = train(cfg_for(run_copy, "train.steps=6"), backend="inline")  # lock freed
+    assert [m["step"] for m in history] == [4, 5] and logged_steps(run) == list(range(6))
+
+
+def test_resume_under_another_model_shape_is_refused_naming_each_key(run_copy, capsys):
+    config = (run_copy / "run" / "config.json").read_bytes()
+    msg, secs = refused(run_copy, "model.tiny_hidden=64", error=IncompatibleCheckpoint)
+    assert "cannot resume from step_0000004" in msg
+    assert "model.tiny_hidden 32 -> 64" in msg and "hidden_size 32 -> 64" in msg, msg
+    assert (run_copy / "run" / "config.json").read_bytes() == config
+    record("resume with another model shape (model.tiny_hidden 32 -> 64)", msg, secs,
+           "nothing (refused; config.json, metrics.jsonl and checkpoints untouched)")
+    line = one_line(capsys, ["train", "configs/default.yaml", "--backend", "inline",
+                             *small_run_args(run_copy, "run", "warmup", "train.steps=6",
+                                             "model.tiny_layers=3")])
+    assert "model.tiny_layers 2 -> 3" in line and "num_layers 2 -> 3" in line, line
+    assert (run_copy / "run" / "config.json").read_bytes() == config
+
+
+def test_init_from_a_run_of_another_shape_is_refused_before_any_write(finished_run, capsys):
+    out = finished_run / "seqkd-wide"
+    t0 = time.monotonic()
+    line = one_line(capsys, ["train", "configs/default.yaml", "--backend", "inline",
+                             *small_run_args(finished_run, "seqkd-wide", "seqkd",
+                                             f"train.init_from={finished_run / 'run'}",
+                                             "model.tiny_hidden=48", "train.steps=1")])
+    assert line.startswith(f"error: train.init_from={finished_run / 'run'}: its student"), line
+    assert "hidden_size 32 -> 48" in line and "Traceback" not in line
+    assert not out.exists(), "a refused run left a directory behind"
+    record("seqkd/gad with train.init_from a run of another model shape", line,
+           time.monotonic() - t0, "nothing (no run directory written)")
+
+
+@pytest.fixture
+def read_only_run(run_copy):
+    """The finished run on a read-only filesystem (a tmpfs remounted ro; needs root)."""
+    import subprocess
+
+    mnt = run_copy / "ro"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        shutil.copytree(run_copy / "run", mnt / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_run_directory_on_a_read_only_filesystem_gives_one_line(read_only_run, capsys):
+    for name in ("run", "new-run"):  # resuming there, and starting there
+        t0 = time.monotonic()
+        line = one_line(capsys, ["train", "configs/default.yaml", "--backend", "inline",
+                                 *small_run_args(read_only_run.parent, "x", "warmup",
+                                                 f"run.out_dir={read_only_run / name}")])
+        assert line == (f"error: run.out_dir={read_only_run / name}: cannot write there (a "
+                        "read-only filesystem): Read-only file system; choose a writable "
+                        "run.out_dir"), line
+    record("run.out_dir on a read-only filesystem", line, time.monotonic() - t0,
+           "nothing (refused before any write)")
 
 
 def test_every_saved_file_is_in_the_manifest(finished_run):

@@ -26,8 +26,9 @@ ARGS = ("train.steps=4", "train.d_only_steps=1", "train.save_every=2", "train.ke
         "rollout.max_new_tokens=8", "tracking.enabled=false")
 COMPARED = ("d/d_loss", "d/score_gap", "g/sft_loss", "g/grad_norm", "d/grad_norm")
 
-# The child trains, and kills itself (SIGKILL, as `kill -9` would) just before the k-th file
-# operation of its second save: each worker's save, every rename, every removal.
+# The child trains, and kills itself (SIGKILL, as `kill -9` would) at the k-th event of its
+# second save: before each worker's save, every rename, every removal, or just after Megatron
+# forked a shard writer.
 CHILD = textwrap.dedent("""
     import os, shutil, signal, sys
     sys.path.insert(0, os.getcwd())
@@ -57,6 +58,9 @@ CHILD = textwrap.dedent("""
         return real_save(*args, **kwargs)
 
     controller.save_checkpoint = save
+    # Megatron forks shard writers inside each worker's save: killing the driver just after
+    # such a fork leaves them running, which is where an orphan could hang (issue 29).
+    os.register_at_fork(after_in_parent=lambda: event("fork of a shard writer"))
     checkpoints.os.replace = watched("replace", os.replace)
     checkpoints.shutil.rmtree = watched("rmtree", shutil.rmtree)
     ActorWorker.save = watched("actor save", ActorWorker.save)
@@ -76,19 +80,34 @@ def child_env() -> dict:
                                                               "WORLD_SIZE", "LOCAL_RANK")}
 
 
-def no_process_left(session: int, wait_s: float = 10.0) -> bool:
-    """Whether every process of `session` is gone (within `wait_s`)."""
+def left_of(session: int, wait_s: float = 10.0) -> list[str]:
+    """The processes of `session` still alive after `wait_s` (killed, then named)."""
     import psutil
 
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        left = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == session]
-        if not left:
-            return True
-        time.sleep(0.5)
+    while True:
+        left = [p for p in psutil.process_iter(["pid", "cmdline"]) if _sid(p.pid) == session]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     for p in left:
         p.kill()
-    return False
+    return [f"pid {p.pid}: {' '.join(p.info['cmdline'] or [])[:120]}" for p in left]
+
+
+def holders_of(root: Path) -> list[str]:
+    """Processes, of any session, that hold a file under `root` open."""
+    import os
+
+    held = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            held += [f"pid {pid}: {t}" for t in (os.readlink(f"/proc/{pid}/fd/{fd}")
+                                                 for fd in fds) if t.startswith(str(root))]
+        except OSError:
+            continue
+    return held
 
 
 def _sid(pid: int) -> int | None:
@@ -100,53 +119,118 @@ def _sid(pid: int) -> int | None:
         return None
 
 
+def run_child(script: Path, work: Path, kill_at: int) -> tuple[int, str, list[str], list[str]]:
+    """The training child, killed at its `kill_at`-th event of the second save (0: never);
+    its exit code, output, the events it reached, and whatever of it is left 10 s on."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    with open(work / "out.txt", "w") as out:
+        # Its own session, so that whatever it started can be found after its death.
+        child = subprocess.Popen([sys.executable, str(script), str(work), str(kill_at), *ARGS],
+                                 stdout=out, stderr=subprocess.STDOUT, env=child_env(),
+                                 start_new_session=True)
+        rc = child.wait(timeout=300)
+    text = (work / "out.txt").read_text()
+    left = left_of(child.pid) + holders_of(work)
+    events = [ln.split(" ", 2)[2] for ln in text.splitlines() if ln.startswith("EVENT")]
+    return rc, text, events, left
+
+
+def kill_points(events: list[str]) -> list[int]:
+    """Every file operation of the save, and the first shard-writer fork of each worker's
+    save (a writer per bucket: the first is where the driver dies with a writer running)."""
+    points, prev = [], ""
+    for k, name in enumerate(events, start=1):
+        if not name.startswith("fork") or not prev.startswith("fork"):
+            points.append(k)
+        prev = name
+    return points
+
+
 def comparable(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [{k: json.loads(x).get(k) for k in ("step",) + COMPARED} for x in lines]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    base = tmp_path_factory.mktemp("straight")
-    train(small_run(base, "run", "warmup", *ARGS), backend="inline")
-    return comparable(base / "run")
-
-
-def test_a_driver_killed_before_any_file_operation_of_a_save_loses_nothing(tmp_path, straight):
+def test_a_driver_killed_at_any_step_of_a_save_loses_nothing_and_leaves_nothing(tmp_path):
+    """kill -9 of the driver before each file operation of a save, and just after Megatron
+    forked a shard writer: no process of it (writers, resource_tracker) lives 10 s on, no
+    process holds a file of the run, a complete checkpoint is current, and the rerun ends
+    with the numbers of a run never killed."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
+    rc, text, events, left = run_child(script, tmp_path / "straight", 0)
+    assert rc == 0 and not left, (text[-2000:], left)
+    straight = comparable(tmp_path / "straight" / "run")
+    points = kill_points(events)
+    assert len(points) > 5 and sum(e.startswith("fork") for e in events) >= 2, events
     kills = []
-    for k in range(1, 30):
+    for k in points:
         work = tmp_path / f"k{k}"
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
-        with open(work / "out.txt", "w") as out:
-            # Its own session, so that whatever it spawned can be found after its death.
-            child = subprocess.Popen([sys.executable, str(script), str(work), str(k), *ARGS],
-                                     stdout=out, stderr=subprocess.STDOUT, env=child_env(),
-                                     start_new_session=True)
-            rc = child.wait(timeout=300)
-        text = (work / "out.txt").read_text()
-        events = [ln for ln in text.splitlines() if ln.startswith("EVENT")]
-        if rc == 0:  # k is past the last operation: the save completed
-            assert len(events) == k - 1 and k > 5
-            break
-        assert rc == -9, text[-2000:]
-        assert no_process_left(child.pid), "a process of the killed driver lives on"
-        where = events[-1].split(" ", 2)[2]
+        rc, text, reached, left = run_child(script, work, k)
+        assert rc == -9 and len(reached) == k, text[-2000:]
+        where = reached[-1]
+        assert not left, f"after a kill -9 {where}, left alive or holding files: {left}"
         ckpt = find_resume(work / "run")  # never an error: a complete one is always current
         assert ckpt is not None and problem_with(ckpt) is None, where
         assert ckpt.name in ("step_0000002", "step_0000004"), where
-        t0 = time.monotonic()
         train(small_run(work, "run", "warmup", *ARGS), backend="inline")  # the rerun
         assert comparable(work / "run") == straight, where
-        kills.append((where, ckpt.name, time.monotonic() - t0))
-    assert len(kills) >= 5
-    for where, name, secs in kills:
-        record(f"kill -9 of the driver before `{where.strip()}` of a save",
-               f"the rerun resumes from {name} and ends with the uninterrupted run's metrics",
+        kills.append((where, ckpt.name))
+    for where, name in kills:
+        what = ("just after Megatron forked a shard writer in" if where.startswith("fork")
+                else f"before `{where.strip()}` of")
+        record(f"kill -9 of the driver {what} a save",
+               f"the rerun resumes from {name} and ends with the uninterrupted run's "
+               "metrics; no process of the driver is left 10 s on",
                None, "the steps after that checkpoint (redone)")
+
+
+# A process that forks a child the way Megatron's writer does, then dies by SIGKILL. Its
+# SIGTERM handler ignores the signal, as the trainer's "save and exit" handler would.
+FORKS_AND_DIES = textwrap.dedent("""
+    import multiprocessing as mp, os, signal, sys, time
+    from gad_megatron.parallel.orphans import guard_forked_children
+
+    def child(report):
+        with open(report, "w") as f:
+            f.write(f"{os.getpid()} {signal.getsignal(signal.SIGTERM) == signal.SIG_DFL}")
+        time.sleep(120)
+
+    if __name__ == "__main__":
+        if sys.argv[1] == "guarded":
+            guard_forked_children()
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        writer = mp.get_context("fork").Process(target=child, args=(sys.argv[2],))
+        writer.start()
+        while not os.path.getsize(sys.argv[2]) if os.path.exists(sys.argv[2]) else True:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("mode", ["guarded", "unguarded"])
+def test_a_forked_writer_dies_with_its_parent_and_answers_sigterm(tmp_path, mode):
+    import psutil
+
+    report = tmp_path / "report"
+    # No pipes: an orphan holding one would keep this call waiting.
+    rc = subprocess.run([sys.executable, "-c", FORKS_AND_DIES, mode, str(report)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60).returncode
+    assert rc == -9
+    pid, default_sigterm = report.read_text().split()
+    try:
+        orphan = psutil.Process(int(pid))
+        alive = orphan.status() != psutil.STATUS_ZOMBIE and not psutil.wait_procs([orphan], 5)[0]
+    except psutil.NoSuchProcess:
+        alive = False
+    if mode == "unguarded":  # the hazard is real: without the guard the orphan lives on
+        assert alive and default_sigterm == "False"
+        orphan.kill()
+    else:
+        assert not alive, "the forked child outlived its parent"
+        assert default_sigterm == "True", "the child kept the parent's SIGTERM handler"
 
 
 @pytest.fixture

@@ -57,17 +57,23 @@ def hf_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
 
 
-def small_run(tmp_path, name: str, stage: str, *overrides: str):
-    """A GADConfig for a short run of the embedded default on a small built-in task (the
-    task files are written once per test directory); later overrides win."""
-    from gad_megatron.config import load_config
+def small_run_args(tmp_path, name: str, stage: str, *overrides: str) -> list[str]:
+    """The `key=value` overrides of `small_run` (for the CLI: configs/default.yaml + these)."""
     from gad_megatron.data.task import write_task
 
     task = tmp_path / "task"
     if not (task / "train.jsonl").exists():
         write_task(task, n_train=64, n_test=8, seed=0)
-    return load_config("configs/default.yaml", [
-        f"run.out_dir={tmp_path / name}", f"train.stage={stage}", "train.prompts_per_step=4",
-        "train.save_every=0", f"data.train_files={task / 'train.jsonl'}",
-        f"data.eval_files={task / 'test.jsonl'}", "rollout.n=2", "model.tiny_hidden=32",
-        *overrides])
+    return [f"run.out_dir={tmp_path / name}", f"train.stage={stage}", "train.prompts_per_step=4",
+            "train.save_every=0", f"data.train_files={task / 'train.jsonl'}",
+            f"data.eval_files={task / 'test.jsonl'}", "rollout.n=2", "model.tiny_hidden=32",
+            *overrides]
+
+
+def small_run(tmp_path, name: str, stage: str, *overrides: str):
+    """A GADConfig for a short run of the embedded default on a small built-in task (the
+    task files are written once per test directory); later overrides win."""
+    from gad_megatron.config import load_config
+
+    return load_config("configs/default.yaml",
+                       small_run_args(tmp_path, name, stage, *overrides))

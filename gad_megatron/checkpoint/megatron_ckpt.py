@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from gad_megatron.checkpoint.hf_io import copy_tokenizer_files
 from gad_megatron.models.hf_config import HFArch, parse_hf_config
+from gad_megatron.parallel.orphans import guard_forked_children
 
 FORMAT = "gad-megatron/model-v1"
 MARKER = "gad_checkpoint.json"
@@ -112,6 +113,7 @@ def save_model_checkpoint(model, arch: HFArch, out_dir: str | Path, tp: int, pp:
 
     out = Path(out_dir)
     _orphan_safe_results_queue()
+    guard_forked_children()  # Megatron forks its shard writers below (parallel/orphans.py)
     tmp = _shared_tmpdir(out)
     try:
         if dist.get_rank() == 0:

@@ -126,8 +126,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = raw
+        node[parts[-1]] = _flow_value(item, raw)
     return tree
+
+
+def _flow_value(item: str, raw: str) -> Any:
+    """`[a,b]` and `{k: v}`, quoted or not, are YAML flow collections, as OmegaConf and Hydra
+    read them; anything else stays a string for `_coerce` (`a,b` is a list there too)."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1].strip()  # the quotes a shell did not take off
+    if not text or text[0] not in "[{":
+        return raw
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        why = str(exc).splitlines()[0]
+        raise ConfigError(f"override {item!r}: not a valid YAML list or mapping ({why})") from None
+    if not isinstance(value, (list, dict)):
+        raise ConfigError(f"override {item!r}: not a valid YAML list or mapping")
+    return value
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gad_megatron.config import load_config
 from gad_megatron.evaluation.styles import METRICS
+from gad_megatron.parallel.orphans import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -253,18 +254,6 @@ def plot_oracle_auc(root: Path, study: str, seeds: tuple[int, ...], out: Path,
     return out
 
 
-def _die_with_parent() -> None:
-    """A seed's process ends when the study's process does (Linux), even by kill -9: an
-    executor's workers would otherwise train on as orphans."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _run_seed_job(job: tuple) -> dict:
     import torch
 
@@ -344,7 +333,7 @@ def run_study(root: str | Path, study: str = "compare", seeds: tuple[int, ...] =
         # spawn: a fresh interpreter per seed (no inherited torch or process-group state);
         # an executor's workers, unlike a Pool's, may start the checkpoint writer's children.
         with ProcessPoolExecutor(min(jobs, len(seeds)), mp.get_context("spawn"),
-                                 initializer=_die_with_parent) as pool:
+                                 initializer=die_with_parent) as pool:
             per_seed = list(pool.map(_run_seed_job, work))
     else:
         per_seed = [run_seed(*w) for w in work]

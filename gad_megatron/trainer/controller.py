@@ -12,6 +12,7 @@ from gad_megatron.config.loader import read_run_config
 from gad_megatron.data.batching import Lookahead
 from gad_megatron.trainer.checkpoints import (
     check_fresh_start, find_resume, restore, save_checkpoint, write_atomic)
+from gad_megatron.trainer.run_lock import hold_run_dir
 from gad_megatron.trainer.safety import SkipGuard, StopSignals
 from gad_megatron.trainer.setup import build_loader, resolve_inputs, step_aids
 from gad_megatron.trainer.steps import STEPS, StepContext, add_throughput
@@ -41,6 +42,19 @@ def _checkpoint_to_resume(cfg: GADConfig, run_dir: Path) -> Path | None:
     return None
 
 
+def _refuse_incompatible(cfg: GADConfig, ckpt: Path | None, previous: dict | None) -> None:
+    """A resume or a train.init_from whose weights are not the model the config asks for is
+    refused here, before anything of the run is written (trainer/compat.py)."""
+    from gad_megatron.trainer import compat
+    from gad_megatron.trainer.setup import latest_checkpoint, requested_hf_config
+
+    if ckpt is not None:
+        compat.check_resume(cfg, ckpt, previous, requested_hf_config(cfg))
+    elif cfg.train.init_from and Path(cfg.train.init_from).exists():
+        compat.check_init_from(cfg, latest_checkpoint(cfg.train.init_from),
+                               requested_hf_config(cfg))
+
+
 def train(cfg: GADConfig, backend: str = "ray",
           on_step: Callable[[int, dict], None] | None = None,
           stop_after: int | None = None) -> list[dict]:
@@ -48,13 +62,19 @@ def train(cfg: GADConfig, backend: str = "ray",
 
     SIGTERM/SIGUSR1 end the call after the current step with a checkpoint. `stop_after`
     ends it after that many steps, as a crash would (tests of resume)."""
+    run_dir = Path(cfg.run.out_dir)
+    with hold_run_dir(run_dir):  # one driver per run directory, before any write
+        return _train_held(cfg, run_dir, backend, on_step, stop_after)
+
+
+def _train_held(cfg: GADConfig, run_dir: Path, backend: str, on_step, stop_after) -> list[dict]:
+    """`train` once this process holds `run_dir`."""
     from gad_megatron.trainer.backends import start_roles
     from gad_megatron.trainer.observe import RunObserver
 
-    run_dir = Path(cfg.run.out_dir)
     ckpt = _checkpoint_to_resume(cfg, run_dir)
     previous = read_run_config(run_dir) if ckpt is not None else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_incompatible(cfg, ckpt, previous)
     write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     inputs = resolve_inputs(cfg)
     loader = Lookahead(build_loader(cfg, inputs.tokenizer, run_dir))

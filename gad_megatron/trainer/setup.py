@@ -33,6 +33,26 @@ def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_i
     }
 
 
+def _tiny_config(cfg: GADConfig, tokenizer, layers: int | None = None,
+                 hidden: int | None = None) -> dict:
+    from gad_megatron.data import eos_id, pad_id
+
+    head_dim = cfg.model.tiny_head_dim or (64 if cfg.rollout.engine == "vllm" else 16)
+    return tiny_hf_config(len(tokenizer), layers or cfg.model.tiny_layers,
+                          hidden or cfg.model.tiny_hidden, eos_id(tokenizer), pad_id(tokenizer),
+                          head_dim)
+
+
+def requested_hf_config(cfg: GADConfig) -> dict:
+    """The HF config of the student `cfg` asks for, read or made without writing anything
+    (the check of a resume or an init_from runs before the run directory is touched)."""
+    from gad_megatron.data import load_tokenizer
+
+    if cfg.model.hf_path:
+        return _read_hf_config(Path(cfg.model.hf_path))
+    return _tiny_config(cfg, load_tokenizer(cfg.data.tokenizer or "builtin"))
+
+
 def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer, layers: int | None = None,
                      hidden: int | None = None) -> Path:
     """Create (once) the embedded default's random student as an HF directory (`layers`,
@@ -44,10 +64,7 @@ def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer, layers: int | Non
 
     if (out_dir / "config.json").is_file():
         return out_dir
-    head_dim = cfg.model.tiny_head_dim or (64 if cfg.rollout.engine == "vllm" else 16)
-    hf = tiny_hf_config(len(tokenizer), layers or cfg.model.tiny_layers,
-                        hidden or cfg.model.tiny_hidden, eos_id(tokenizer), pad_id(tokenizer),
-                        head_dim)
+    hf = _tiny_config(cfg, tokenizer, layers, hidden)
     torch.manual_seed(cfg.train.seed)
     model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**hf))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
