@@ -82,10 +82,11 @@ test-cluster: setup
 	$(PY) -m pytest -q -m cluster tests/test_slurm_cluster.py $(PYTEST_ARGS)
 
 # The fault-injection tests (also part of `make test`), then docs/reliability.md from their
-# own results.
+# own results (with PYTEST_ARGS naming some files, only their rows are replaced).
 test-faults: setup
+	rm -f runs/reliability/results.jsonl
 	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
-	$(PY) -m tests.reliability docs/reliability.md
+	$(PY) -m tests.reliability $(if $(PYTEST_ARGS),--update) docs/reliability.md
 
 # The fuzz tests with the long budget (tests/fuzz_profiles.py: thousands of examples each;
 # `make test` runs them with the short `ci` budget).

@@ -4,6 +4,10 @@ A fault test calls `record(...)` with what it injected, what the user saw (the m
 test asserted on), how long until the run exited, and what was lost. Rows go to a JSON-lines
 file during the session; `python -m tests.reliability` renders them as the Markdown table,
 and `make test-faults` does both. Nothing in the table is typed by hand.
+
+`python -m tests.reliability --update docs/reliability.md` (what `make test-faults` runs when
+PYTEST_ARGS names some files) re-renders only the rows this session measured and keeps the
+table's other rows as they were, so that re-running one fault file does not empty the table.
 """
 
 from __future__ import annotations
@@ -43,18 +47,37 @@ def _cell(text: str) -> str:
     return _TMP.sub("TMP/", " ".join(str(text).split())).replace("|", "\\|")
 
 
-def render(results: Path = RESULTS) -> str:
+def _row(r: dict) -> str:
+    secs = "" if r["seconds"] is None else f"{r['seconds']:.1f} s"
+    return (f"| {_cell(r['fault'])} | {_cell(r['seen'])} | {secs} | {_cell(r['lost'])} | "
+            f"`{_cell(r['test'])}` |\n")
+
+
+def _table_rows(text: str) -> dict[str, tuple[str, str]]:
+    """An existing table's rows as {fault cell: (test cell, whole line)}."""
+    rows = {}
+    for line in text.splitlines()[HEADER.count("\n"):]:
+        cells = line.split(" | ")
+        if line.startswith("| ") and len(cells) >= 5:
+            rows[cells[0][2:]] = (cells[-1].rstrip(" |").strip("`"), line + "\n")
+    return rows
+
+
+def render(results: Path = RESULTS, keep: str = "") -> str:
+    """The table from `results`; with `keep` (an existing table's text), that table's rows
+    that `results` did not measure stay in it."""
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     latest = {r["fault"]: r for r in rows}  # a test run twice keeps its last result
-    lines = [HEADER]
-    for r in sorted(latest.values(), key=lambda r: (r["test"], r["fault"])):
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f} s"
-        lines.append(f"| {_cell(r['fault'])} | {_cell(r['seen'])} | {secs} | "
-                     f"{_cell(r['lost'])} | `{_cell(r['test'])}` |\n")
-    return "".join(lines)
+    table = {_cell(r["fault"]): (_cell(r["test"]), _row(r)) for r in latest.values()}
+    for fault, kept in _table_rows(keep).items():
+        table.setdefault(fault, kept)
+    return HEADER + "".join(line for _, (_, line) in
+                            sorted(table.items(), key=lambda kv: (kv[1][0], kv[0])))
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/reliability.md")
-    out.write_text(render())
-    print(f"wrote {out} from {RESULTS}")
+    args = [a for a in sys.argv[1:] if a != "--update"]
+    out = Path(args[0]) if args else Path("docs/reliability.md")
+    keep = out.read_text() if "--update" in sys.argv[1:] and out.exists() else ""
+    out.write_text(render(keep=keep))
+    print(f"wrote {out} from {RESULTS}" + (" (other rows kept)" if keep else ""))

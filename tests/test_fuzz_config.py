@@ -155,6 +155,8 @@ def test_brief_example_and_aliases(tmp_path):
      "you mean 'lr'?", "config: misspelled key (actor.optim.lerning_rate)"),
     ("rollout.top_p=nan", "error: rollout.top_p: must be a finite number, got nan",
      "config: NaN for a float (rollout.top_p=nan)"),
+    ("data.train_files=[a.jsonl,", "error: override 'data.train_files=[a.jsonl,': not a valid "
+     "YAML list or mapping", "config: an unclosed list override (data.train_files=[a.jsonl,)"),
 ])
 def test_cli_refuses_in_one_line_before_any_process(tmp_path, capsys, override, line, fault):
     out = tmp_path / "run"
