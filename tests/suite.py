@@ -1,25 +1,27 @@
-"""`make test`: every test file in its own pytest process, one after another.
+"""`make test`: the test files in pytest processes of their own, `-j` at a time.
 
 Why not one pytest process for the whole suite: each in-process model build starts
 torch.distributed and Megatron's parallel groups, and gloo keeps a few threads per group that
 no destroy call gives back. Over ~60 files one process ended up with thousands of threads and
 ran the last files several times slower than alone (CI: 78 min, then servers and raylets timed
-out at startup). A fresh process per file costs ~5 s of imports and removes that.
+out at startup). Why not a process per file either: each costs ~5 s of imports (torch,
+Megatron, transformers), which over ~70 files was 6 minutes of the suite. So a file known to
+take long (SLOW_FIRST, or a recorded duration over HEAVY_S) has a process of its own, and the
+others share one, up to BATCH_FILES of them: few enough model builds per process that the
+threads never pile up.
 
-After each file the runner also looks for processes the file left behind (Ray workers, gloo
-ranks, servers, engine processes). Each is named and killed, so that one file's leak cannot
-slow the files after it, and the file counts as failed: leaving nothing behind is part of
-what the fault tests assert. The processes of a file carry its own token, so this works
-with files running side by side too.
+After each process the runner also looks for processes it left behind (Ray workers, gloo
+ranks, servers, engine processes). Each is named and killed, so that one leak cannot slow
+the files after it, and the files of that process count as failed: leaving nothing behind
+is part of what the fault tests assert. The processes of a pytest process carry its own
+token, so this works with processes running side by side too.
 
-Files run `-j` at a time (default 1, or GAD_TEST_JOBS), longest first. `-j 2` keeps both
-cores of the 2-core machine busy (most files spend much of their time starting processes
-and waiting on them): 1466 s for 65 files, but two timing-sensitive tests failed under that
-load (test_ray_loop's object-store test, test_run_signals' Ctrl-C test), so the default,
-which CI runs, stays one file at a time until they are made robust. The order comes from the last run's durations
-(`.pytest_cache/gad-suite-durations.json`), else from `SLOW_FIRST`.
+Processes run `-j` at a time (GAD_TEST_JOBS, default 2: both cores of the 2-core machine,
+since most files spend much of their time starting processes and waiting on them), longest
+first. The order comes from the last run's durations (`.pytest_cache/gad-suite-durations.json`),
+else from `SLOW_FIRST`.
 
-    python -m tests.suite [-j N] [FILE ...] [pytest options ...]
+    python -m tests.suite [-j N] [--batch N] [FILE ...] [pytest options ...]
 """
 
 from __future__ import annotations
@@ -43,8 +45,15 @@ DURATIONS = Path(os.environ.get("GAD_SUITE_DURATIONS",
 SLOW_FIRST = ("test_worker_faults.py", "test_save_faults.py", "test_ray_loop.py",
               "test_demo.py", "test_train_parallel.py", "test_run_signals.py",
               "test_vllm_loop.py", "test_vllm_engine.py", "test_compare.py")
-"""Files known to take minutes, started first when no durations are recorded (a long file
-started last would leave one core idle at the end)."""
+"""Files known to take minutes, longest first: each runs in a process of its own, started
+first when no durations are recorded (a long file started last would leave one core idle at
+the end)."""
+HEAVY_S = 40.0
+"""A file recorded at more than this many seconds runs alone, as SLOW_FIRST's do."""
+BATCH_FILES = 8
+"""At most this many of the other files share a pytest process (`--batch N` to change)."""
+LIGHT_GUESS_S = 15.0
+"""The guess for a file with no recorded duration that is not in SLOW_FIRST."""
 
 
 @dataclass
@@ -57,6 +66,7 @@ class FileResult:
     leftovers: list[str] = field(default_factory=list)
     tests: list[tuple[float, str]] = field(default_factory=list)
     output: str = ""
+    shared_with: int = 0  # how many other files ran in the same pytest process
 
     @property
     def ok(self) -> bool:
@@ -64,7 +74,7 @@ class FileResult:
 
 
 def _tagged(token: str) -> dict[int, str]:
-    """Processes that carry this file's token in their environment, with their command lines.
+    """Processes that carry this token in their environment, with their command lines.
 
     The token is inherited by everything a test starts (ranks, servers, Ray's raylet and its
     workers), and by nothing else on the host, so no unrelated process is ever touched."""
@@ -85,7 +95,7 @@ def _tagged(token: str) -> dict[int, str]:
 
 
 def _reap_leftovers(token: str) -> list[str]:
-    """Kill and name the processes a file started that outlived it."""
+    """Kill and name the processes a pytest process started that outlived it."""
     time.sleep(1.0)  # let processes that are already exiting finish
     left = _tagged(token)
     for pid in left:
@@ -96,46 +106,68 @@ def _reap_leftovers(token: str) -> list[str]:
     return [f"pid {p}: {c[:160]}" for p, c in sorted(left.items())]
 
 
-def _read_junit(path: Path, res: FileResult) -> None:
+def _read_junit(path: Path, results: dict[str, FileResult]) -> None:
+    """Each test case into the result of the file it belongs to: the file whose name is a
+    part of the case's classname (`tests.test_x` or `tests.test_x.TestY` for test_x.py)."""
     if not path.exists():
         return
-    root = ET.parse(path).getroot()
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        res.tests.append((float(case.get("time", 0.0)), name))
+    stems = {Path(p).stem: r for p, r in results.items()}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        classname = case.get("classname", "")
+        name = f"{classname}::{case.get('name', '')}"
+        owner = next((stems[part] for part in classname.split(".") if part in stems), None)
+        if len(results) == 1:
+            owner = next(iter(results.values()))
         kinds = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
         kind = kinds[0] if kinds else "passed"
-        res.counts[kind] = res.counts.get(kind, 0) + 1
-        if kind in ("failure", "error"):
-            res.failed.append(f"{name} ({kind})")
+        # A case of no known file (a collection error, say) counts against every file.
+        for res in [owner] if owner is not None else results.values():
+            res.tests.append((float(case.get("time", 0.0)), name))
+            res.counts[kind] = res.counts.get(kind, 0) + 1
+            if kind in ("failure", "error"):
+                res.failed.append(f"{name} ({kind})")
 
 
-def run_file(path: str, args: list[str], workdir: Path) -> FileResult:
-    junit = workdir / (Path(path).stem + ".xml")
-    token = f"{os.getpid()}-{Path(path).stem}"
+def run_batch(paths: list[str], args: list[str], workdir: Path) -> list[FileResult]:
+    """One pytest process for `paths`, a result per file: a file fails on its own failed
+    tests; a process that fails as a whole, or leaves a process behind, fails all of them."""
+    junit = workdir / (Path(paths[0]).stem + ".xml")
+    token = f"{os.getpid()}-{Path(paths[0]).stem}"
     env = dict(os.environ, GAD_TEST_SUITE="1", **{TOKEN_VAR: token})
-    cmd = [sys.executable, "-m", "pytest", "-q", path, f"--junitxml={junit}", *args]
+    cmd = [sys.executable, "-m", "pytest", "-q", *paths, f"--junitxml={junit}", *args]
+    timeout = FILE_TIMEOUT_S * len(paths)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=FILE_TIMEOUT_S)
+        output, _ = proc.communicate(timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        output += f"\n[suite] {path} killed after {FILE_TIMEOUT_S} s\n"
+        output += f"\n[suite] {' '.join(paths)} killed after {timeout} s\n"
         rc = 124
-    res = FileResult(path, rc, time.monotonic() - start, output=output)
-    _read_junit(junit, res)
-    res.leftovers = _reap_leftovers(token)
-    return res
+    wall = time.monotonic() - start
+    results = {p: FileResult(p, 0, 0.0, output=output, shared_with=len(paths) - 1)
+               for p in paths}
+    _read_junit(junit, results)
+    leftovers = _reap_leftovers(token)
+    # Imports and collection, shared evenly among the files of the process.
+    overhead = max(0.0, wall - sum(t for r in results.values() for t, _ in r.tests)) / len(paths)
+    for r in results.values():
+        r.leftovers = leftovers
+        # pytest's 1: some test failed (that file's own `failed` says which); 5: none
+        # collected; anything else (a crash, a timeout, a usage error) is the process's.
+        r.rc = rc if r.failed or rc not in (0, 1, 5) else 0
+        r.seconds = wall if len(paths) == 1 else overhead + sum(t for t, _ in r.tests)
+    return list(results.values())
 
 
 def _line(res: FileResult) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in sorted(res.counts.items())) or "no tests"
     mark = "ok  " if res.ok else "FAIL"
-    return f"{mark} {res.path:<44} {res.seconds:7.1f} s  {counts}"
+    shared = f"  (one process with {res.shared_with} more)" if res.shared_with else ""
+    return f"{mark} {res.path:<44} {res.seconds:7.1f} s  {counts}{shared}"
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -146,46 +178,63 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return files, rest
 
 
-def _jobs(argv: list[str]) -> tuple[int, list[str]]:
-    """(-j N / --jobs N / --jobs=N, else GAD_TEST_JOBS, else 1; the other arguments)."""
+def _options(argv: list[str]) -> tuple[int, int, list[str]]:
+    """(-j N / --jobs N / --jobs=N, else GAD_TEST_JOBS, else 2; --batch N / --batch=N, else
+    BATCH_FILES; the other arguments)."""
     import re
 
-    jobs, rest, i = int(os.environ.get("GAD_TEST_JOBS", "1")), [], 0
+    jobs = int(os.environ.get("GAD_TEST_JOBS", "2"))
+    batch, rest, i = BATCH_FILES, [], 0
     while i < len(argv):
         a = argv[i]
-        if a in ("-j", "--jobs") and i + 1 < len(argv):
-            jobs, i = int(argv[i + 1]), i + 2
+        if a in ("-j", "--jobs", "--batch") and i + 1 < len(argv):
+            if a == "--batch":
+                batch = int(argv[i + 1])
+            else:
+                jobs = int(argv[i + 1])
+            i += 2
             continue
         m = re.fullmatch(r"(?:-j|--jobs=)(\d+)", a)
+        b = re.fullmatch(r"--batch=(\d+)", a)
         if m:
             jobs = int(m.group(1))
+        elif b:
+            batch = int(b.group(1))
         else:
             rest.append(a)
         i += 1
-    return max(1, jobs), rest
+    return max(1, jobs), max(1, batch), rest
 
 
-def _longest_first(files: list[str]) -> list[str]:
-    """Recorded durations first; a file never recorded ranks by SLOW_FIRST (minutes) or as
-    a middling file (60 s)."""
-    try:
-        known = json.loads(DURATIONS.read_text())
-    except (OSError, ValueError):
-        known = {}
+def _guess(known: dict[str, float]):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
 
     def guess(f: str) -> float:
         if f in known:
             return known[f]
-        return 1000.0 - rank[Path(f).name] if Path(f).name in rank else 60.0
-    return sorted(files, key=lambda f: -guess(f))
+        return 1000.0 - rank[Path(f).name] if Path(f).name in rank else LIGHT_GUESS_S
+    return guess
+
+
+def _known() -> dict[str, float]:
+    try:
+        return json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def plan(files: list[str], batch: int) -> list[list[str]]:
+    """The pytest processes to run, longest first: a file of SLOW_FIRST, or one recorded at
+    over HEAVY_S, alone; the others in name order, `batch` to a process."""
+    guess = _guess(_known())
+    heavy = [f for f in files if Path(f).name in SLOW_FIRST or guess(f) > HEAVY_S]
+    light = sorted(f for f in files if f not in heavy)
+    groups = [[f] for f in heavy] + [light[i:i + batch] for i in range(0, len(light), batch)]
+    return sorted(groups, key=lambda g: -sum(guess(f) for f in g))
 
 
 def _record_durations(results: list[FileResult]) -> None:
-    try:
-        known = json.loads(DURATIONS.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _known()
     known.update({r.path: round(r.seconds, 1) for r in results})
     try:
         DURATIONS.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +246,7 @@ def _record_durations(results: list[FileResult]) -> None:
 def main(argv: list[str]) -> int:
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    jobs, argv = _jobs(argv)
+    jobs, batch, argv = _options(argv)
     files, args = _split(argv)
     if os.environ.get("GAD_RELIABILITY_RESULTS") is None:
         from tests.reliability import RESULTS
@@ -207,16 +256,18 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gad-suite-") as tmp, \
             ThreadPoolExecutor(jobs) as pool:
-        # Each file is a pytest process of its own; a thread only waits on it.
-        pending = [pool.submit(run_file, path, args, Path(tmp))
-                   for path in _longest_first(files)]
+        # Each group is a pytest process of its own; a thread only waits on it.
+        pending = [pool.submit(run_batch, group, args, Path(tmp))
+                   for group in plan(files, batch)]
         for done in as_completed(pending):
-            res = done.result()
-            results.append(res)
-            print(_line(res), flush=True)
-            if not res.ok:
-                print(res.output[-6000:], flush=True)
-                for left in res.leftovers:
+            group = done.result()
+            results.extend(group)
+            for res in group:
+                print(_line(res), flush=True)
+            bad = next((r for r in group if not r.ok), None)
+            if bad is not None:
+                print(bad.output[-6000:], flush=True)
+                for left in bad.leftovers:
                     print(f"     left behind (killed): {left}", flush=True)
     _record_durations(results)
     results.sort(key=lambda r: files.index(r.path))

@@ -157,3 +157,16 @@ def test_export_and_gad_on_missing_runs_say_what_to_do(tmp_path):
     err, _ = one_line_error(command(tmp_path, 2, "train.stage=gad",
                                     f"train.init_from={tmp_path / 'warmup'}"))
     assert "run the warmup stage first (`make warmup`)" in err
+
+
+def test_a_ctrl_c_swallowed_on_its_way_is_raised_again_at_the_step_boundary():
+    from gad_megatron.trainer.safety import StopSignals
+
+    with StopSignals() as signals:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # as a finalizer, or torch.distributed.checkpoint's exception wrapper, would
+        with pytest.raises(KeyboardInterrupt):
+            signals.check_interrupt()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -26,24 +26,27 @@ ARGS = ("train.steps=4", "train.d_only_steps=1", "train.save_every=2", "train.ke
         "rollout.max_new_tokens=8", "tracking.enabled=false")
 COMPARED = ("d/d_loss", "d/score_gap", "g/sft_loss", "g/grad_norm", "d/grad_norm")
 
-# The child trains, and kills itself (SIGKILL, as `kill -9` would) at the k-th event of its
+# The driver trains, and kills itself (SIGKILL, as `kill -9` would) at the k-th event of its
 # second save: before each worker's save, every rename, every removal, or just after Megatron
-# forked a shard writer.
+# forked a shard writer. Each driver is forked from a zygote that imported everything once
+# (the imports are half of a tiny run's time); a forked driver is a process of its own, in a
+# session of its own, exactly as killable as one started from the shell.
 CHILD = textwrap.dedent("""
-    import os, shutil, signal, sys
+    import os, shutil, signal, sys, traceback
     sys.path.insert(0, os.getcwd())
+    from pathlib import Path
     from gad_megatron.trainer import checkpoints, controller
     from gad_megatron.workers.discriminator import DiscriminatorWorker
     from gad_megatron.workers.policy import ActorWorker
     from tests.tiny_models import small_run
 
-    kill_at, state = int(sys.argv[2]), {"save": 0, "event": 0}
+    state = {"save": 0, "event": 0, "kill_at": 0}
 
     def event(name):
         if state["save"] == 2:
             state["event"] += 1
             print("EVENT", state["event"], name, flush=True)
-            if state["event"] == kill_at:
+            if state["event"] == state["kill_at"]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def watched(name, fn):
@@ -59,16 +62,39 @@ CHILD = textwrap.dedent("""
 
     controller.save_checkpoint = save
     # Megatron forks shard writers inside each worker's save: killing the driver just after
-    # such a fork leaves them running, which is where an orphan could hang (issue 29).
+    # such a fork leaves them running, which is where an orphan could hang (issue 29). (The
+    # zygote's own forks come before any save, so they are no events.)
     os.register_at_fork(after_in_parent=lambda: event("fork of a shard writer"))
     checkpoints.os.replace = watched("replace", os.replace)
     checkpoints.shutil.rmtree = watched("rmtree", shutil.rmtree)
     ActorWorker.save = watched("actor save", ActorWorker.save)
     DiscriminatorWorker.save = watched("discriminator save", DiscriminatorWorker.save)
+
+    def drive(work, kill_at, args):
+        \"\"\"The driver's process: its output in WORK/out.txt, then the training run.\"\"\"
+        os.setsid()
+        out = os.open(os.path.join(work, "out.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        state["kill_at"] = kill_at
+        code = 0
+        try:
+            controller.train(small_run(Path(work), "run", "warmup", *args), backend="inline")
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     if __name__ == "__main__":
-        args = sys.argv[3:]
-        controller.train(small_run(__import__("pathlib").Path(sys.argv[1]), "run", "warmup",
-                                   *args), backend="inline")
+        # One line of stdin per driver ("WORK KILL_AT"); one line back: "PID EXIT_CODE".
+        for line in sys.stdin:
+            work, kill_at = line.split()
+            pid = os.fork()
+            if pid == 0:
+                drive(work, int(kill_at), sys.argv[1:])
+            print(pid, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """)
 
 
@@ -119,22 +145,35 @@ def _sid(pid: int) -> int | None:
         return None
 
 
-def run_child(script: Path, work: Path, kill_at: int) -> tuple[int, str, list[str], list[str]]:
-    """The training child, killed at its `kill_at`-th event of the second save (0: never);
-    its exit code, output, the events it reached, and whatever of it is left 10 s on."""
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
-    with open(work / "out.txt", "w") as out:
-        # Its own session, so that whatever it started can be found after its death.
-        child = subprocess.Popen([sys.executable, str(script), str(work), str(kill_at), *ARGS],
-                                 stdout=out, stderr=subprocess.STDOUT, env=child_env(),
-                                 start_new_session=True)
-        rc = child.wait(timeout=300)
-    text = (work / "out.txt").read_text()
-    left = left_of(child.pid) + holders_of(work)
-    events = [ln.split(" ", 2)[2] for ln in text.splitlines() if ln.startswith("EVENT")]
-    return rc, text, events, left
+class Drivers:
+    """The zygote (CHILD) that forks one training driver per `run`."""
+
+    def __init__(self, script: Path):
+        self.proc = subprocess.Popen([sys.executable, str(script), *ARGS], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=child_env())
+
+    def run(self, work: Path, kill_at: int) -> tuple[int, str, list[str], list[str]]:
+        """A driver, killed at its `kill_at`-th event of the second save (0: never): its exit
+        code, output, the events it reached, and whatever of it is left 10 s on."""
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        self.proc.stdin.write(f"{work} {kill_at}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().split()
+        assert len(answer) == 2, f"the zygote died (exit code {self.proc.poll()})"
+        pid, rc = map(int, answer)
+        text = (work / "out.txt").read_text()
+        left = left_of(pid) + holders_of(work)
+        events = [ln.split(" ", 2)[2] for ln in text.splitlines() if ln.startswith("EVENT")]
+        return rc, text, events, left
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def kill_points(events: list[str]) -> list[int]:
@@ -160,7 +199,22 @@ def test_a_driver_killed_at_any_step_of_a_save_loses_nothing_and_leaves_nothing(
     with the numbers of a run never killed."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    rc, text, events, left = run_child(script, tmp_path / "straight", 0)
+    drivers = Drivers(script)
+    try:
+        kills = _kill_at_every_point(drivers, tmp_path)
+    finally:
+        drivers.close()
+    for where, name in kills:
+        what = ("just after Megatron forked a shard writer in" if where.startswith("fork")
+                else f"before `{where.strip()}` of")
+        record(f"kill -9 of the driver {what} a save",
+               f"the rerun resumes from {name} and ends with the uninterrupted run's "
+               "metrics; no process of the driver is left 10 s on",
+               None, "the steps after that checkpoint (redone)")
+
+
+def _kill_at_every_point(drivers: Drivers, tmp_path: Path) -> list[tuple[str, str]]:
+    rc, text, events, left = drivers.run(tmp_path / "straight", 0)
     assert rc == 0 and not left, (text[-2000:], left)
     straight = comparable(tmp_path / "straight" / "run")
     points = kill_points(events)
@@ -168,7 +222,7 @@ def test_a_driver_killed_at_any_step_of_a_save_loses_nothing_and_leaves_nothing(
     kills = []
     for k in points:
         work = tmp_path / f"k{k}"
-        rc, text, reached, left = run_child(script, work, k)
+        rc, text, reached, left = drivers.run(work, k)
         assert rc == -9 and len(reached) == k, text[-2000:]
         where = reached[-1]
         assert not left, f"after a kill -9 {where}, left alive or holding files: {left}"
@@ -178,13 +232,7 @@ def test_a_driver_killed_at_any_step_of_a_save_loses_nothing_and_leaves_nothing(
         train(small_run(work, "run", "warmup", *ARGS), backend="inline")  # the rerun
         assert comparable(work / "run") == straight, where
         kills.append((where, ckpt.name))
-    for where, name in kills:
-        what = ("just after Megatron forked a shard writer in" if where.startswith("fork")
-                else f"before `{where.strip()}` of")
-        record(f"kill -9 of the driver {what} a save",
-               f"the rerun resumes from {name} and ends with the uninterrupted run's "
-               "metrics; no process of the driver is left 10 s on",
-               None, "the steps after that checkpoint (redone)")
+    return kills
 
 
 # A process that forks a child the way Megatron's writer does, then dies by SIGKILL. Its

@@ -126,6 +126,7 @@ class _Loop:
         step_fn = STEPS[cfg.train.stage.value]
         with _metrics_log(self.run_dir, start) as log:
             for step in range(start, total):
+                signals.check_interrupt()
                 if stop_after is not None and step - start >= stop_after:
                     break
                 self.step = step
@@ -144,7 +145,7 @@ class _Loop:
                 stopping = signals.received is not None
                 if done == total or stopping or (cfg.train.save_every
                                                  and done % cfg.train.save_every == 0):
-                    self._save(done, guard)
+                    self._save(done, guard, signals)
                 if stopping:
                     print(f"stopped by {signals.received} at step {done}; checkpoint step "
                           f"{done} saved in {self.run_dir / 'checkpoints'}", flush=True)
@@ -158,8 +159,12 @@ class _Loop:
         if self.on_step:
             self.on_step(step, metrics)
 
-    def _save(self, done: int, guard: SkipGuard) -> None:
+    def _save(self, done: int, guard: SkipGuard, signals: StopSignals) -> None:
         state = {"loader": self.loader.state_dict(), "skipped": guard.state_dict()}
-        save_checkpoint(self.roles, self.run_dir, done, self.cfg.train.keep_last, self.hf_dir,
-                        state)
+        try:
+            save_checkpoint(self.roles, self.run_dir, done, self.cfg.train.keep_last,
+                            self.hf_dir, state)
+        except BaseException:
+            signals.check_interrupt()  # Ctrl-C inside the save, wrapped by dist_checkpointing
+            raise
         self.saved = done

@@ -62,12 +62,18 @@ def _what(prefix: str, metrics: dict) -> str:
 class StopSignals:
     """SIGTERM and SIGUSR1 (Slurm's preemption warning, `scancel`) ask the loop to finish the
     current step, save and exit 0; a second one of the same kind is honoured at once by the
-    previous handler. Installed only in the main thread (Python's rule for signals)."""
+    previous handler. Installed only in the main thread (Python's rule for signals).
+
+    SIGINT (Ctrl-C) still stops at once with KeyboardInterrupt, but is also remembered: a
+    KeyboardInterrupt raised inside a finalizer, or wrapped by torch.distributed.checkpoint
+    into its CheckpointException, would otherwise be lost and the run would train on. The
+    loop calls `check_interrupt()` at each step boundary to raise it again."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received: str | None = None
+        self.interrupted = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
@@ -80,10 +86,21 @@ class StopSignals:
         print(f"{self.received} received: finishing the current step, then saving a "
               "checkpoint", flush=True)
 
+    def _interrupt(self, signum, frame) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def check_interrupt(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C came and its first raise was swallowed."""
+        if self.interrupted:
+            raise KeyboardInterrupt
+
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc) -> None:
