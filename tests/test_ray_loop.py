@@ -25,6 +25,18 @@ def ray_cfg(tmp_path, stage, *extra):
                      *extra)
 
 
+@pytest.fixture(scope="module")
+def shared_ray(tmp_path_factory):
+    """One local Ray (127.0.0.1, 16 slots) for the tests after the first: `train` and
+    `start_ray_roles` keep a Ray they did not start, as the demo's driver does. The first
+    test starts and stops its own, and asserts that it is stopped."""
+    from gad_megatron.cluster.runtime import start_ray, stop_ray
+
+    start_ray(ray_cfg(tmp_path_factory.mktemp("ray"), "warmup").run)
+    yield
+    stop_ray()
+
+
 def test_warmup_then_gad_through_ray(tmp_path):
     import ray
 
@@ -52,7 +64,19 @@ def test_warmup_then_gad_through_ray(tmp_path):
     assert (tmp_path / "gad" / "checkpoints" / "latest").is_file()
 
 
-def test_a_killed_worker_is_reported_by_role_and_rank(tmp_path):
+def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_worker(tmp_path):
+    # Its own Ray of 2 slots, started before the shared one (placement reads the live cluster).
+    from gad_megatron.cluster.placement import PlacementError
+
+    cfg = ray_cfg(tmp_path, "warmup", "run.num_cpus=2", "actor.parallel.tp=2")
+    with pytest.raises(PlacementError, match="discriminator: needs 1 devices"):
+        start_ray_roles(cfg, resolve_inputs(cfg), total_steps=1)
+    import ray
+
+    assert not ray.is_initialized()  # the Ray it started for nothing is stopped
+
+
+def test_a_killed_worker_is_reported_by_role_and_rank(tmp_path, shared_ray):
     cfg = ray_cfg(tmp_path, "warmup", "discriminator.parallel.tp=2")
     roles = start_ray_roles(cfg, resolve_inputs(cfg), total_steps=2)
     try:
@@ -75,7 +99,7 @@ def _store_bytes_created() -> int:
     return get_memory_info_reply(get_state_from_address()).store_stats.cumulative_created_bytes
 
 
-def test_no_weight_bucket_goes_through_the_object_store(tmp_path):
+def test_no_weight_bucket_goes_through_the_object_store(tmp_path, shared_ray):
     """A sync of ~5 MB of weights adds (next to) nothing to the object store: the buckets go
     by broadcast from the actor's sending rank into the engine's process."""
     cfg = ray_cfg(tmp_path, "warmup", "model.tiny_hidden=256", "actor.parallel.tp=2")
@@ -91,15 +115,7 @@ def test_no_weight_bucket_goes_through_the_object_store(tmp_path):
         roles.shutdown()
 
 
-def test_a_layout_the_cluster_cannot_hold_is_refused_before_any_worker(tmp_path):
-    from gad_megatron.cluster.placement import PlacementError
-
-    cfg = ray_cfg(tmp_path, "warmup", "run.num_cpus=2", "actor.parallel.tp=2")
-    with pytest.raises(PlacementError, match="discriminator: needs 1 devices"):
-        start_ray_roles(cfg, resolve_inputs(cfg), total_steps=1)
-
-
-def test_colocated_warmup_then_gad_through_ray(tmp_path):
+def test_colocated_warmup_then_gad_through_ray(tmp_path, shared_ray):
     """Issue 14, defects 4, 5 and 8, and issue 11's colocation, end to end on CPU slots:
     every role (engine included) seated in one shared reservation, the engine asleep between
     uses, each trainer role offloaded to host memory between its calls; warmup then gad."""

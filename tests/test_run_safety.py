@@ -209,18 +209,12 @@ def read_only_run(run_copy):
     """The finished run on a read-only filesystem (a tmpfs remounted ro; needs root)."""
     import subprocess
 
-    mnt = run_copy / "ro"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    from tests.tmpfs import tmpfs
+
+    with tmpfs(run_copy / "ro", "16m") as mnt:
         shutil.copytree(run_copy / "run", mnt / "run")
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_run_directory_on_a_read_only_filesystem_gives_one_line(read_only_run, capsys):

@@ -284,16 +284,10 @@ def test_a_forked_writer_dies_with_its_parent_and_answers_sigterm(tmp_path, mode
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MiB tmpfs: room for one checkpoint of the tiny model, not two."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    from tests.tmpfs import tmpfs
+
+    with tmpfs(tmp_path / "disk", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(
