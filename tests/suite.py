@@ -1,4 +1,4 @@
-"""`make test`: the test files in pytest processes of their own, `-j` at a time.
+"""`make test`, `make test-all`: the test files in pytest processes of their own, `-j` at once.
 
 Why not one pytest process for the whole suite: each in-process model build starts
 torch.distributed and Megatron's parallel groups, and gloo keeps a few threads per group that

@@ -192,6 +192,7 @@ def comparable(run: Path) -> list[dict]:
     return [{k: json.loads(x).get(k) for k in ("step",) + COMPARED} for x in lines]
 
 
+@pytest.mark.slow  # ~20 training runs: in `make test-all` (CI), not in the quick `make test`
 def test_a_driver_killed_at_any_step_of_a_save_loses_nothing_and_leaves_nothing(tmp_path):
     """kill -9 of the driver before each file operation of a save, and just after Megatron
     forked a shard writer: no process of it (writers, resource_tracker) lives 10 s on, no

@@ -26,6 +26,11 @@ STEPS = 3
 # Warmup then cosine decay: exercises the scheduler and gives lrs [0, LR, cosine value].
 OPTIM = dict(lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=CLIP, warmup_steps=1,
              decay_steps=5, decay_style="cosine")
+# Adam moves each weight by up to ~lr a step whatever its gradient's size, so the fp32
+# rounding of a near-zero gradient (which differs between layouts, and between CPUs' kernels:
+# 1.3e-5 seen on an AVX-512 EPYC at TP=2) shows up at that scale. A real sharding error moves
+# weights by ~lr; 0.5% of lr is 200x below it.
+WEIGHT_TOL = 5e-3 * OPTIM["lr"]
 
 
 def _global_batch():
@@ -262,7 +267,7 @@ def test_clipped_steps_match_single_rank(runs, family, layout):
         assert moved > 1e-3, "the steps must change the weights"
         for name, want in ref["weights"].items():
             diff = (r["weights"][name] - want).abs().max().item()
-            assert diff <= 1e-5, f"{family} {layout} {name}: max |weight diff| = {diff:.2e}"
+            assert diff <= WEIGHT_TOL, f"{family} {layout} {name}: max |weight diff| = {diff:.2e}"
 
 
 def test_bf16_distributed_optimizer_without_clipping(runs):
