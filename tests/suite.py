@@ -42,9 +42,12 @@ FILE_TIMEOUT_S = 20 * 60  # no file takes near this alone; a hang must not eat C
 TOKEN_VAR = "GAD_TEST_SUITE_TOKEN"
 DURATIONS = Path(os.environ.get("GAD_SUITE_DURATIONS",
                                REPO / ".pytest_cache" / "gad-suite-durations.json"))
-SLOW_FIRST = ("test_worker_faults.py", "test_save_faults.py", "test_ray_loop.py",
-              "test_demo.py", "test_train_parallel.py", "test_run_signals.py",
-              "test_vllm_loop.py", "test_vllm_engine.py", "test_compare.py")
+SLOW_FIRST = ("test_save_faults.py", "test_worker_faults.py", "test_ray_loop.py",
+              "test_vllm_loop.py", "test_demo.py", "test_vllm_engine.py", "test_run_signals.py",
+              "test_train_parallel.py", "test_resume_reshard.py", "test_loop_inline.py",
+              "test_resume.py", "test_convert.py", "test_parity.py", "test_compare.py",
+              "test_security.py", "test_packing.py", "test_cluster_ray.py", "test_export.py",
+              "test_tracking_spool.py")
 """Files known to take minutes, longest first: each runs in a process of its own, started
 first when no durations are recorded (a long file started last would leave one core idle at
 the end)."""
