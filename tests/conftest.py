@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Keeps a local Ray on 127.0.0.1 (Ray reads it at import time).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits
+# SIGINT ignored, and so would every driver a test starts: the Ctrl-C tests would then see a
+# driver that rightly ignores Ctrl-C. Tests get the interactive default, whoever started them
+# (a handler set here is the default again in each child after exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
