@@ -131,12 +131,16 @@ def _read_junit(path: Path, results: dict[str, FileResult]) -> None:
                 res.failed.append(f"{name} ({kind})")
 
 
-def run_batch(paths: list[str], args: list[str], workdir: Path) -> list[FileResult]:
+def run_batch(paths: list[str], args: list[str], workdir: Path, threads: int = 0
+              ) -> list[FileResult]:
     """One pytest process for `paths`, a result per file: a file fails on its own failed
-    tests; a process that fails as a whole, or leaves a process behind, fails all of them."""
+    tests; a process that fails as a whole, or leaves a process behind, fails all of them.
+    `threads`: torch's intra-op threads in it and in what it starts (0: torch's default)."""
     junit = workdir / (Path(paths[0]).stem + ".xml")
     token = f"{os.getpid()}-{Path(paths[0]).stem}"
     env = dict(os.environ, GAD_TEST_SUITE="1", **{TOKEN_VAR: token})
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "pytest", "-q", *paths, f"--junitxml={junit}", *args]
     timeout = FILE_TIMEOUT_S * len(paths)
     start = time.monotonic()
@@ -260,7 +264,10 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="gad-suite-") as tmp, \
             ThreadPoolExecutor(jobs) as pool:
         # Each group is a pytest process of its own; a thread only waits on it.
-        pending = [pool.submit(run_batch, group, args, Path(tmp))
+        # A core per process when they run side by side: the gloo ranks of two multi-rank
+        # files, each rank with torch's default of a thread per core, stalled one another.
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+        pending = [pool.submit(run_batch, group, args, Path(tmp), threads)
                    for group in plan(files, batch)]
         for done in as_completed(pending):
             group = done.result()
