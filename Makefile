@@ -75,8 +75,8 @@ test-vllm: setup-vllm
 # then the slowest tests and any process a file left behind. PYTEST_ARGS may name files and
 # pytest options.
 #   make test      the quick answer: every test but the `slow`-marked ones (minutes-long
-#                  end-to-end fault runs through Ray, vLLM's whole loop, the save killed at
-#                  each of its steps)
+#                  end-to-end runs: worker faults through Ray, vLLM, the save killed at each
+#                  of its steps, the colocated Ray run, the shortened compare)
 #   make test-all  the whole CPU suite, slow tests included: what CI runs (.ci/run)
 test: setup
 	$(PY) -m tests.suite -m "not slow and not cluster" $(PYTEST_ARGS)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import gad_megatron.__main__ as cli
 from gad_megatron.trainer.compare import GOALS, LABEL, STUDIES, table, verdict
 
@@ -35,6 +37,7 @@ def test_table_and_verdict_by_hand():
     assert all("NOT met" in line for line in verdict(close, "warmup+gad", "warmup+seqkd"))
 
 
+@pytest.mark.slow  # six shortened training runs (~1 min): in `make test-all` (CI), not the quick `make test`
 def test_compare_command_shortened(tmp_path, capsys):
     out = tmp_path / "styles"
     assert cli.main(["compare", "--out", str(out), "--seeds", "0", "--warmup-steps", "3",

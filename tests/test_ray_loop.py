@@ -115,6 +115,7 @@ def test_no_weight_bucket_goes_through_the_object_store(tmp_path, shared_ray):
         roles.shutdown()
 
 
+@pytest.mark.slow  # a second warmup + gad through Ray (~1.5 min): in `make test-all` (CI), not the quick `make test`
 def test_colocated_warmup_then_gad_through_ray(tmp_path, shared_ray):
     """Issue 14, defects 4, 5 and 8, and issue 11's colocation, end to end on CPU slots:
     every role (engine included) seated in one shared reservation, the engine asleep between

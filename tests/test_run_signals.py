@@ -78,6 +78,7 @@ def test_sigterm_saves_and_exits_0(tmp_path):
     stop_with(tmp_path, signal.SIGTERM)
 
 
+@pytest.mark.slow  # three driver runs (~1 min); SIGTERM's stop stays in the quick tier: in `make test-all` (CI), not the quick `make test`
 def test_sigusr1_saves_exits_0_and_the_rerun_resumes_identically(tmp_path):
     n = stop_with(tmp_path, signal.SIGUSR1)
     # The rerun of the same command resumes there; both halves equal one straight run.
