@@ -16,7 +16,7 @@ from gad_megatron.checkpoint.megatron_ckpt import CheckpointError
 from gad_megatron.trainer.checkpoints import MANIFEST, find_resume
 from gad_megatron.trainer.compat import IncompatibleCheckpoint
 from gad_megatron.trainer.controller import train
-from gad_megatron.trainer.run_lock import LOCK_FILE, RunDirError
+from gad_megatron.trainer.run_lock import LOCK_FILE
 from gad_megatron.workers.common import NonFiniteError
 from tests.reliability import record
 from tests.tiny_models import small_run, small_run_args

@@ -64,10 +64,12 @@ class StopSignals:
     current step, save and exit 0; a second one of the same kind is honoured at once by the
     previous handler. Installed only in the main thread (Python's rule for signals).
 
-    SIGINT (Ctrl-C) still stops at once with KeyboardInterrupt, but is also remembered: a
-    KeyboardInterrupt raised inside a finalizer, or wrapped by torch.distributed.checkpoint
-    into its CheckpointException, would otherwise be lost and the run would train on. The
-    loop calls `check_interrupt()` at each step boundary to raise it again."""
+    SIGINT (Ctrl-C) still stops at once with KeyboardInterrupt, but is also remembered: one
+    raised inside a finalizer is lost (the run would train on), and one that
+    torch.distributed.checkpoint wraps into its CheckpointException during a save would end
+    the run with a traceback instead of "interrupted at step N". The loop calls
+    `check_interrupt()` at each step boundary and when a save fails, to raise it again. A
+    SIGINT this process inherited as ignored (a background job) stays ignored."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

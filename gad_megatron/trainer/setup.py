@@ -35,6 +35,7 @@ def tiny_hf_config(vocab_size: int, layers: int, hidden: int, eos_id: int, pad_i
 
 def _tiny_config(cfg: GADConfig, tokenizer, layers: int | None = None,
                  hidden: int | None = None) -> dict:
+    """The embedded student's HF config (model.tiny_*, or `layers`/`hidden` for another)."""
     from gad_megatron.data import eos_id, pad_id
 
     head_dim = cfg.model.tiny_head_dim or (64 if cfg.rollout.engine == "vllm" else 16)
@@ -59,8 +60,6 @@ def write_tiny_model(out_dir: Path, cfg: GADConfig, tokenizer, layers: int | Non
     `hidden`: another shape than model.tiny_*, for a discriminator of its own)."""
     import torch
     import transformers as tf
-
-    from gad_megatron.data import eos_id, pad_id
 
     if (out_dir / "config.json").is_file():
         return out_dir
