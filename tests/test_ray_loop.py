@@ -94,9 +94,13 @@ def test_a_killed_worker_is_reported_by_role_and_rank(tmp_path, shared_ray):
 
 def _store_bytes_created() -> int:
     """Bytes ever put in Ray's object store, cluster-wide (a cumulative counter)."""
+    import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    return get_memory_info_reply(get_state_from_address()).store_stats.cumulative_created_bytes
+    # This test's own Ray by its address: another file's Ray may run beside it (make test -j 2),
+    # and without an address Ray refuses to choose ("Found multiple active Ray instances").
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.cumulative_created_bytes
 
 
 def test_no_weight_bucket_goes_through_the_object_store(tmp_path, shared_ray):
