@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FILE_TIMEOUT_S = 20 * 60  # no pytest process takes near this; a hang must not eat CI's 90 min
+FILE_TIMEOUT_S = 20 * 60  # per pytest process, batched or alone; a hang must not eat CI's 90 min
 TOKEN_VAR = "GAD_TEST_SUITE_TOKEN"
 DURATIONS = Path(os.environ.get("GAD_SUITE_DURATIONS",
                                REPO / ".pytest_cache" / "gad-suite-durations.json"))
@@ -142,17 +142,16 @@ def run_batch(paths: list[str], args: list[str], workdir: Path, threads: int = 0
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "pytest", "-q", *paths, f"--junitxml={junit}", *args]
-    timeout = FILE_TIMEOUT_S  # light files share a process: together far below it
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        output, _ = proc.communicate(timeout=FILE_TIMEOUT_S)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        output += f"\n[suite] {' '.join(paths)} killed after {timeout} s\n"
+        output += f"\n[suite] {' '.join(paths)} killed after {FILE_TIMEOUT_S} s\n"
         rc = 124
     wall = time.monotonic() - start
     results = {p: FileResult(p, 0, 0.0, output=output, shared_with=len(paths) - 1)
@@ -186,31 +185,15 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _options(argv: list[str]) -> tuple[int, int, list[str]]:
-    """(-j N / --jobs N / --jobs=N, else GAD_TEST_JOBS, else 2; --batch N / --batch=N, else
-    BATCH_FILES; the other arguments)."""
-    import re
+    """(-j N / --jobs N, else GAD_TEST_JOBS, else 2; --batch N, else BATCH_FILES; the other
+    arguments, in their order, for pytest)."""
+    import argparse
 
-    jobs = int(os.environ.get("GAD_TEST_JOBS", "2"))
-    batch, rest, i = BATCH_FILES, [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-j", "--jobs", "--batch") and i + 1 < len(argv):
-            if a == "--batch":
-                batch = int(argv[i + 1])
-            else:
-                jobs = int(argv[i + 1])
-            i += 2
-            continue
-        m = re.fullmatch(r"(?:-j|--jobs=)(\d+)", a)
-        b = re.fullmatch(r"--batch=(\d+)", a)
-        if m:
-            jobs = int(m.group(1))
-        elif b:
-            batch = int(b.group(1))
-        else:
-            rest.append(a)
-        i += 1
-    return max(1, jobs), max(1, batch), rest
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("GAD_TEST_JOBS", "2")))
+    parser.add_argument("--batch", type=int, default=BATCH_FILES)
+    known, rest = parser.parse_known_args(argv)
+    return max(1, known.jobs), max(1, known.batch), rest
 
 
 def _guess(known: dict[str, float]):
