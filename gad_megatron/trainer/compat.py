@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from gad_megatron.config import GADConfig, to_dict
+from gad_megatron.config import GADConfig, Stage, to_dict
 from gad_megatron.config.loader import flatten
 from gad_megatron.models.hf_config import HFArch, parse_hf_config
 
@@ -41,8 +41,6 @@ def arch_changes(old: HFArch, new: HFArch) -> list[str]:
 def config_changes(previous: dict, cfg: GADConfig) -> list[str]:
     """`key old -> new` for each key of FIXED_ON_RESUME (and the tiny shapes in use) that the
     config changed from the run's `config.json` (`previous`)."""
-    from gad_megatron.config import Stage
-
     old, new = flatten(previous), flatten(to_dict(cfg))
     keys = FIXED_ON_RESUME + (() if cfg.model.hf_path else TINY_KEYS) + (
         D_TINY_KEYS if cfg.train.stage == Stage.WARMUP else ())
